@@ -1,0 +1,595 @@
+//! `proxy.toml` → typed [`Config`]. Parse errors and validation errors name the key and its
+//! line, so `pgfan check` can point at the mistake.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error, or an unknown key (toml's message names key and line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("{path}: line {line}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based line of the value, 0 when it came from the command line.
+        line: usize,
+        /// Dotted key, e.g. `backends[1].url`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Client authentication method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// No password; allowed only on loopback listen addresses unless forced.
+    Trust,
+    /// SCRAM-SHA-256 (and SCRAM-SHA-256-PLUS over TLS).
+    #[serde(rename = "scram-sha-256")]
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+    /// MD5 password hash.
+    Md5,
+    /// Cleartext password.
+    Password,
+}
+
+/// Role of a backend server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendRole {
+    /// The writable primary: every pass-through statement goes here.
+    Primary,
+    /// A streaming replica: only read-only fragments go here.
+    Replica,
+}
+
+/// Client-side TLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS: SSLRequest is answered with `N`.
+    #[default]
+    Disable,
+    /// TLS when the client asks for it.
+    Allow,
+    /// Plaintext clients are refused.
+    Require,
+}
+
+/// TLS toward backends, from the URL's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendSslMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, plain otherwise.
+    Prefer,
+    /// TLS or fail (the certificate is not verified, as libpq's `require`).
+    Require,
+}
+
+/// A backend server address parsed from a `postgres://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUrl {
+    /// Host name or IP.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Fixed login user; `None` means the client's user.
+    pub user: Option<String>,
+    /// Password for the backend login.
+    pub password: Option<String>,
+    /// Fixed database; `None` means the client's database.
+    pub database: Option<String>,
+    /// TLS toward the backend.
+    pub sslmode: BackendSslMode,
+}
+
+impl BackendUrl {
+    /// Parses `postgres://[user[:password]@]host[:port][/database][?sslmode=…]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("invalid URL {text:?}: {e}"))?;
+        if url.scheme() != "postgres" && url.scheme() != "postgresql" {
+            return Err(format!(
+                "URL scheme must be postgres:// or postgresql://, got {:?}",
+                url.scheme()
+            ));
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("URL {text:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let user = Some(url.username())
+            .filter(|u| !u.is_empty())
+            .map(&decode);
+        let password = url.password().map(&decode);
+        let database = Some(url.path().trim_start_matches('/'))
+            .filter(|d| !d.is_empty())
+            .map(&decode);
+        let mut sslmode = BackendSslMode::Disable;
+        for (k, v) in url.query_pairs() {
+            match k.as_ref() {
+                "sslmode" => {
+                    sslmode = match v.as_ref() {
+                        "disable" => BackendSslMode::Disable,
+                        "allow" | "prefer" => BackendSslMode::Prefer,
+                        "require" | "verify-ca" | "verify-full" => BackendSslMode::Require,
+                        other => return Err(format!("unknown sslmode {other:?}")),
+                    }
+                }
+                other => return Err(format!("unknown URL parameter {other:?}")),
+            }
+        }
+        Ok(Self {
+            host,
+            port: url.port().unwrap_or(5432),
+            user,
+            password,
+            database,
+            sslmode,
+        })
+    }
+
+    /// `host:port` for logs and metrics labels.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One backend server.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Name used in logs, metrics and the admin console.
+    pub name: String,
+    /// Where it is.
+    pub url: BackendUrl,
+    /// Primary or replica.
+    pub role: BackendRole,
+    /// Connections for fragments and control queries (pass-through sessions pin their own).
+    pub pool_size: usize,
+}
+
+/// A known user: client authentication and backend login.
+#[derive(Debug, Clone)]
+pub struct UserConfig {
+    /// Role name.
+    pub name: String,
+    /// Cleartext password, usable for every auth method and for the backend login.
+    pub password: Option<String>,
+    /// PostgreSQL-style `SCRAM-SHA-256$<iter>:<salt>$<stored>:<server>` verifier.
+    pub scram_verifier: Option<String>,
+}
+
+/// Client-side TLS settings.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// disable, allow or require.
+    pub mode: TlsMode,
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Client listen address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` address; `None` disables the HTTP exporter.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Client authentication method.
+    pub auth: AuthMethod,
+    /// Allow `trust` on a non-loopback listen address.
+    pub force_trust: bool,
+    /// Client connections beyond this get SQLSTATE 53300.
+    pub max_client_connections: usize,
+    /// Backend servers; exactly one primary.
+    pub backends: Vec<BackendConfig>,
+    /// Known users.
+    pub users: Vec<UserConfig>,
+    /// Client TLS.
+    pub tls: TlsConfig,
+}
+
+impl Config {
+    /// The primary backend.
+    pub fn primary(&self) -> &BackendConfig {
+        // validate() guarantees exactly one primary
+        self.backends
+            .iter()
+            .find(|b| b.role == BackendRole::Primary)
+            .unwrap_or(&self.backends[0])
+    }
+
+    /// The configured user with this name.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
+    auth: Option<Spanned<AuthMethod>>,
+    force_trust: Option<bool>,
+    max_client_connections: Option<Spanned<i64>>,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Option<String>,
+    url: Spanned<String>,
+    role: Option<BackendRole>,
+    pool_size: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password: Option<String>,
+    scram_verifier: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    mode: Option<TlsMode>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--primary`
+    pub primary: Option<String>,
+    /// `--replica` (repeatable); replaces the file's replicas when given.
+    pub replicas: Vec<String>,
+    /// `--metrics-listen`
+    pub metrics_listen: Option<String>,
+    /// `--auth`
+    pub auth: Option<AuthMethod>,
+    /// `--force-trust`
+    pub force_trust: bool,
+}
+
+struct Source<'a> {
+    path: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())]
+            .bytes()
+            .filter(|b| *b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid(&self, span: Option<Range<usize>>, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_string(),
+            line: span.map(|s| self.line(s)).unwrap_or(0),
+            key: key.to_string(),
+            message,
+        }
+    }
+}
+
+/// Loads and validates a config file, then applies command-line overrides.
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let (name, text) = match path {
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+        ),
+        None => ("<command line>".to_string(), String::new()),
+    };
+    parse(&name, &text, overrides)
+}
+
+/// Parses and validates config text (`name` is used in messages).
+pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let src = Source { path: name, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: name.to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+
+    let addr = |value: &str, span: Option<Range<usize>>, key: &str| {
+        value
+            .parse::<SocketAddr>()
+            .map_err(|e| src.invalid(span, key, format!("{value:?} is not an IP:port address: {e}")))
+    };
+
+    let listen = match (&overrides.listen, &raw.listen) {
+        (Some(v), _) => addr(v, None, "listen")?,
+        (None, Some(v)) => addr(v.get_ref(), Some(v.span()), "listen")?,
+        (None, None) => addr("127.0.0.1:6432", None, "listen")?,
+    };
+    let metrics_listen = match (&overrides.metrics_listen, &raw.metrics_listen) {
+        (Some(v), _) => Some(addr(v, None, "metrics_listen")?),
+        (None, Some(v)) => Some(addr(v.get_ref(), Some(v.span()), "metrics_listen")?),
+        (None, None) => None,
+    };
+    let (auth, auth_span) = match (overrides.auth, &raw.auth) {
+        (Some(a), _) => (a, None),
+        (None, Some(a)) => (*a.get_ref(), Some(a.span())),
+        (None, None) => (AuthMethod::Trust, None),
+    };
+    let force_trust = overrides.force_trust || raw.force_trust.unwrap_or(false);
+    if auth == AuthMethod::Trust && !listen.ip().is_loopback() && !force_trust {
+        return Err(src.invalid(
+            auth_span,
+            "auth",
+            format!(
+                "trust authentication on non-loopback address {listen} needs force_trust = true"
+            ),
+        ));
+    }
+    let max_client_connections = match &raw.max_client_connections {
+        Some(v) if *v.get_ref() < 1 => {
+            return Err(src.invalid(
+                Some(v.span()),
+                "max_client_connections",
+                "must be at least 1".into(),
+            ))
+        }
+        Some(v) => *v.get_ref() as usize,
+        None => 1000,
+    };
+
+    let mut backends = Vec::new();
+    for (i, b) in raw.backends.iter().enumerate() {
+        let key = format!("backends[{i}].url");
+        let url = BackendUrl::parse(b.url.get_ref())
+            .map_err(|m| src.invalid(Some(b.url.span()), &key, m))?;
+        let pool_size = match &b.pool_size {
+            Some(p) if *p.get_ref() < 1 => {
+                return Err(src.invalid(
+                    Some(p.span()),
+                    &format!("backends[{i}].pool_size"),
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(p) => *p.get_ref() as usize,
+            None => 8,
+        };
+        backends.push(BackendConfig {
+            name: b.name.clone().unwrap_or_else(|| format!("backend{i}")),
+            url,
+            role: b.role.unwrap_or(if i == 0 {
+                BackendRole::Primary
+            } else {
+                BackendRole::Replica
+            }),
+            pool_size,
+        });
+    }
+    if let Some(p) = &overrides.primary {
+        let url = BackendUrl::parse(p).map_err(|m| src.invalid(None, "--primary", m))?;
+        backends.retain(|b| b.role != BackendRole::Primary);
+        backends.insert(
+            0,
+            BackendConfig {
+                name: "primary".into(),
+                url,
+                role: BackendRole::Primary,
+                pool_size: 8,
+            },
+        );
+    }
+    if !overrides.replicas.is_empty() {
+        backends.retain(|b| b.role != BackendRole::Replica);
+        for (i, r) in overrides.replicas.iter().enumerate() {
+            let url = BackendUrl::parse(r).map_err(|m| src.invalid(None, "--replica", m))?;
+            backends.push(BackendConfig {
+                name: format!("replica{}", i + 1),
+                url,
+                role: BackendRole::Replica,
+                pool_size: 8,
+            });
+        }
+    }
+    let primaries = backends
+        .iter()
+        .filter(|b| b.role == BackendRole::Primary)
+        .count();
+    if primaries != 1 {
+        let span = raw.backends.first().map(|b| b.url.span());
+        return Err(src.invalid(
+            span,
+            "backends",
+            format!(
+                "exactly one backend with role = \"primary\" is needed (or --primary), found {primaries}"
+            ),
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for b in &backends {
+        if !names.insert(b.name.clone()) {
+            return Err(src.invalid(None, "backends.name", format!("duplicate name {:?}", b.name)));
+        }
+    }
+
+    let mut users = Vec::new();
+    for (i, u) in raw.users.iter().enumerate() {
+        if let Some(v) = &u.scram_verifier {
+            if crate::server::auth::parse_scram_verifier(v.get_ref()).is_none() {
+                return Err(src.invalid(
+                    Some(v.span()),
+                    &format!("users[{i}].scram_verifier"),
+                    "expected SCRAM-SHA-256$<iterations>:<salt>$<stored key>:<server key>".into(),
+                ));
+            }
+        }
+        if u.password.is_none() && u.scram_verifier.is_none() {
+            return Err(src.invalid(
+                None,
+                &format!("users[{i}]"),
+                format!("user {:?} needs password or scram_verifier", u.name),
+            ));
+        }
+        users.push(UserConfig {
+            name: u.name.clone(),
+            password: u.password.clone(),
+            scram_verifier: u.scram_verifier.as_ref().map(|v| v.get_ref().clone()),
+        });
+    }
+
+    let mut tls = TlsConfig::default();
+    if let Some(t) = &raw.tls {
+        tls.mode = t.mode.unwrap_or_default();
+        tls.cert = t.cert.as_ref().map(|c| PathBuf::from(c.get_ref()));
+        tls.key = t.key.as_ref().map(|c| PathBuf::from(c.get_ref()));
+        if tls.mode != TlsMode::Disable {
+            for (field, value) in [("cert", &t.cert), ("key", &t.key)] {
+                match value {
+                    None => {
+                        return Err(src.invalid(
+                            None,
+                            &format!("tls.{field}"),
+                            format!("tls.mode = {:?} needs tls.{field}", tls.mode),
+                        ))
+                    }
+                    Some(v) if !Path::new(v.get_ref()).is_file() => {
+                        return Err(src.invalid(
+                            Some(v.span()),
+                            &format!("tls.{field}"),
+                            format!("no such file {:?}", v.get_ref()),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+
+    Ok(Config {
+        listen,
+        metrics_listen,
+        auth,
+        force_trust,
+        max_client_connections,
+        backends,
+        users,
+        tls,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_primary() -> Overrides {
+        Overrides {
+            primary: Some("postgres://127.0.0.1:5432".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("p.toml", "listen = \"127.0.0.1:1\"\nbogus = 1\n", &with_primary())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_names_line() {
+        let text = "[[backends]]\nname = \"p\"\nurl = \"mysql://x\"\n";
+        let err = parse("p.toml", text, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3") && err.contains("backends[0].url"), "{err}");
+    }
+
+    #[test]
+    fn trust_needs_loopback() {
+        let o = Overrides {
+            listen: Some("0.0.0.0:6432".into()),
+            ..with_primary()
+        };
+        assert!(parse("x", "", &o).is_err());
+        let o = Overrides {
+            force_trust: true,
+            ..o
+        };
+        assert!(parse("x", "", &o).is_ok());
+    }
+
+    #[test]
+    fn url_fields() {
+        let u = BackendUrl::parse("postgres://bob:p%40ss@db.local:5433/app?sslmode=require")
+            .unwrap();
+        assert_eq!(u.user.as_deref(), Some("bob"));
+        assert_eq!(u.password.as_deref(), Some("p@ss"));
+        assert_eq!(u.database.as_deref(), Some("app"));
+        assert_eq!(u.port, 5433);
+        assert_eq!(u.sslmode, BackendSslMode::Require);
+        let u = BackendUrl::parse("postgres://127.0.0.1").unwrap();
+        assert_eq!((u.user, u.database, u.port), (None, None, 5432));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../proxy.toml");
+        let cfg = parse("proxy.toml", text, &Overrides::default()).unwrap();
+        assert_eq!(cfg.primary().role, BackendRole::Primary);
+    }
+}

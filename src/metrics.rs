@@ -1,0 +1,85 @@
+//! Prometheus exporter and the metric names pgfan records.
+//!
+//! Names: `pgfan_client_connections` (gauge), `pgfan_client_connections_total` and
+//! `pgfan_client_connections_rejected_total` (counters), `pgfan_queries_total{route}`,
+//! `pgfan_query_duration_seconds{route}` (histogram) and
+//! `pgfan_backend_connections{backend,state}` (gauge, state = active | idle).
+
+use std::net::SocketAddr;
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+/// Connected clients.
+pub const CLIENT_CONNECTIONS: &str = "pgfan_client_connections";
+/// Accepted client connections since start.
+pub const CLIENT_CONNECTIONS_TOTAL: &str = "pgfan_client_connections_total";
+/// Client connections refused (limit, TLS, auth).
+pub const CLIENT_CONNECTIONS_REJECTED: &str = "pgfan_client_connections_rejected_total";
+/// Statements by route.
+pub const QUERIES_TOTAL: &str = "pgfan_queries_total";
+/// Statement latency by route.
+pub const QUERY_DURATION: &str = "pgfan_query_duration_seconds";
+/// Backend connections by backend and state.
+pub const BACKEND_CONNECTIONS: &str = "pgfan_backend_connections";
+
+/// Route label of statements relayed to the primary unchanged.
+pub const ROUTE_PASSTHROUGH: &str = "passthrough";
+
+/// Installs the global recorder; serves `/metrics` on `listen` when given.
+pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
+    let buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(QUERY_DURATION.to_string()), &buckets)?;
+    match listen {
+        Some(addr) => builder.with_http_listener(addr).install()?,
+        None => {
+            builder.install_recorder()?;
+        }
+    }
+    metrics::describe_gauge!(CLIENT_CONNECTIONS, "Client connections open now");
+    metrics::describe_counter!(CLIENT_CONNECTIONS_TOTAL, "Client connections accepted");
+    metrics::describe_counter!(
+        CLIENT_CONNECTIONS_REJECTED,
+        "Client connections refused (limit, TLS, authentication)"
+    );
+    metrics::describe_counter!(QUERIES_TOTAL, "Statements by route");
+    metrics::describe_histogram!(
+        QUERY_DURATION,
+        metrics::Unit::Seconds,
+        "Statement latency by route, from the request to ReadyForQuery"
+    );
+    metrics::describe_gauge!(
+        BACKEND_CONNECTIONS,
+        "Backend connections by backend and state (active = running a request)"
+    );
+    Ok(())
+}
+
+/// Metric handles one pass-through session updates on every statement.
+#[derive(Clone)]
+pub struct SessionMetrics {
+    /// `pgfan_queries_total{route="passthrough"}`.
+    pub queries: Counter,
+    /// `pgfan_query_duration_seconds{route="passthrough"}`.
+    pub duration: Histogram,
+    /// `pgfan_backend_connections{backend, state="active"}`.
+    pub backend_active: Gauge,
+    /// `pgfan_backend_connections{backend, state="idle"}`.
+    pub backend_idle: Gauge,
+}
+
+impl SessionMetrics {
+    /// Resolves the handles for a session pinned to `backend`.
+    pub fn new(backend: &str) -> Self {
+        Self {
+            queries: metrics::counter!(QUERIES_TOTAL, "route" => ROUTE_PASSTHROUGH),
+            duration: metrics::histogram!(QUERY_DURATION, "route" => ROUTE_PASSTHROUGH),
+            backend_active: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => backend.to_string(), "state" => "active"),
+            backend_idle: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => backend.to_string(), "state" => "idle"),
+        }
+    }
+}

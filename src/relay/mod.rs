@@ -1,0 +1,385 @@
+//! Pass-through: relays a client session and its pinned primary connection message by
+//! message, byte for byte (invariant 2).
+//!
+//! Both directions are read and written concurrently from one task, each with a bounded
+//! queue, so neither side can block the other (a client streaming COPY data while the server
+//! sends notices, or a pipeline whose replies the client reads late). Reads are forwarded in
+//! whole chunks; only message headers are looked at, plus the few messages the proxy needs
+//! (Query, Sync and Terminate from the client; ReadyForQuery and ParameterStatus from the
+//! server).
+
+pub mod frame;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, warn};
+
+use crate::backends::connect::send_cancel;
+use crate::metrics::SessionMetrics;
+use crate::protocol::{self, ErrorFields};
+use frame::{MessageCursor, Visit};
+
+/// Bytes buffered toward one side before the relay stops reading from the other side.
+const QUEUE_LIMIT: usize = 256 << 10;
+/// Free space ensured in a read buffer before each read.
+const READ_CHUNK: usize = 32 << 10;
+
+/// How a relayed session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The client sent Terminate.
+    ClientTerminated,
+    /// The client closed its socket (or it failed) without Terminate.
+    ClientGone,
+    /// The backend closed the connection (e.g. after a FATAL error).
+    BackendClosed,
+    /// The client broke the protocol; it got a FATAL 08P01.
+    ClientProtocolError,
+}
+
+/// Identity of the pinned backend, for cancel-on-disconnect and logs.
+#[derive(Debug, Clone)]
+pub struct PinnedBackend {
+    /// Backend name from the configuration.
+    pub name: String,
+    /// Server address.
+    pub addr: SocketAddr,
+    /// Backend process id.
+    pub pid: i32,
+    /// Cancel secret of the backend.
+    pub secret: Vec<u8>,
+}
+
+/// Session state the relay keeps up to date from the server's messages.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Last ReadyForQuery status: `I`, `T` or `E`.
+    pub status: u8,
+    /// Current ParameterStatus values (TimeZone, DateStyle, …).
+    pub parameters: HashMap<String, String>,
+}
+
+/// Bytes waiting to be written to one side.
+#[derive(Default)]
+struct OutQueue {
+    current: Bytes,
+    queued: VecDeque<Bytes>,
+    bytes: usize,
+    unflushed: bool,
+}
+
+impl OutQueue {
+    fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.bytes += chunk.len();
+        if self.current.is_empty() {
+            self.current = chunk;
+        } else {
+            self.queued.push_back(chunk);
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.bytes -= n;
+        self.unflushed = true;
+        if self.current.is_empty() {
+            self.current = self.queued.pop_front().unwrap_or_default();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    fn needs_flush(&self) -> bool {
+        self.bytes == 0 && self.unflushed
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Client sent Terminate: write what is queued to the backend, then stop.
+    DrainToBackend(RelayEnd),
+    /// Backend closed or client broke the protocol: write what is queued to the client.
+    DrainToClient(RelayEnd),
+}
+
+/// The per-statement bookkeeping of one session.
+struct Tracker<'a> {
+    inflight: VecDeque<Instant>,
+    metrics: &'a SessionMetrics,
+    state: &'a mut SessionState,
+}
+
+impl Tracker<'_> {
+    fn request(&mut self) {
+        if self.inflight.is_empty() {
+            self.metrics.backend_active.increment(1.0);
+            self.metrics.backend_idle.decrement(1.0);
+        }
+        self.inflight.push_back(Instant::now());
+    }
+
+    fn ready(&mut self, status: u8) {
+        self.state.status = status;
+        if let Some(start) = self.inflight.pop_front() {
+            self.metrics.duration.record(start.elapsed().as_secs_f64());
+            if self.inflight.is_empty() {
+                self.metrics.backend_active.decrement(1.0);
+                self.metrics.backend_idle.increment(1.0);
+            }
+        }
+    }
+
+    fn busy(&self) -> bool {
+        !self.inflight.is_empty()
+    }
+}
+
+impl Drop for Tracker<'_> {
+    fn drop(&mut self) {
+        if self.inflight.is_empty() {
+            self.metrics.backend_idle.decrement(1.0);
+        } else {
+            self.metrics.backend_active.decrement(1.0);
+        }
+    }
+}
+
+/// Relays until one side ends the session. `client_pending` and `backend_pending` are
+/// bytes already read from each side.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay<C, B>(
+    session_id: u64,
+    client: C,
+    client_pending: BytesMut,
+    backend: B,
+    backend_pending: BytesMut,
+    pinned: &PinnedBackend,
+    state: &mut SessionState,
+    metrics: &SessionMetrics,
+) -> RelayEnd
+where
+    C: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut backend_rd, mut backend_wr) = tokio::io::split(backend);
+    let mut client_in = client_pending;
+    let mut backend_in = backend_pending;
+    let mut client_cursor = MessageCursor::default();
+    let mut backend_cursor = MessageCursor::default();
+    let mut to_backend = OutQueue::default();
+    let mut to_client = OutQueue::default();
+    metrics.backend_idle.increment(1.0);
+    let mut tracker = Tracker {
+        inflight: VecDeque::new(),
+        metrics,
+        state,
+    };
+    let mut phase = Phase::Running;
+    let mut backend_eof = false;
+
+    macro_rules! take_client_input {
+        () => {
+            match scan_client(&mut client_cursor, &client_in, &mut tracker) {
+                Ok((n, terminated)) => {
+                    to_backend.push(client_in.split_to(n).freeze());
+                    if terminated {
+                        phase = Phase::DrainToBackend(RelayEnd::ClientTerminated);
+                    }
+                }
+                Err((n, e)) => {
+                    warn!(session = session_id, error = %e, "client protocol violation");
+                    to_backend.push(client_in.split_to(n).freeze());
+                    to_client.push(
+                        ErrorFields::fatal("08P01", e.to_string()).to_bytes().freeze(),
+                    );
+                    phase = Phase::DrainToClient(RelayEnd::ClientProtocolError);
+                }
+            }
+        };
+    }
+    macro_rules! take_backend_input {
+        () => {
+            match scan_backend(&mut backend_cursor, &backend_in, &mut tracker) {
+                Ok(n) => to_client.push(backend_in.split_to(n).freeze()),
+                Err((n, e)) => {
+                    warn!(session = session_id, error = %e, "backend protocol violation");
+                    to_client.push(backend_in.split_to(n).freeze());
+                    backend_eof = true;
+                    phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+                }
+            }
+        };
+    }
+
+    take_client_input!();
+    take_backend_input!();
+
+    let end = loop {
+        match phase {
+            Phase::DrainToBackend(end) if to_backend.is_empty() => break end,
+            Phase::DrainToClient(end) if to_client.is_empty() => break end,
+            _ => {}
+        }
+        if client_in.capacity() - client_in.len() < READ_CHUNK / 4 {
+            client_in.reserve(READ_CHUNK);
+        }
+        if backend_in.capacity() - backend_in.len() < READ_CHUNK / 4 {
+            backend_in.reserve(READ_CHUNK);
+        }
+        let read_client = phase == Phase::Running && to_backend.bytes < QUEUE_LIMIT;
+        let read_backend = matches!(phase, Phase::Running | Phase::DrainToBackend(_))
+            && !backend_eof
+            && to_client.bytes < QUEUE_LIMIT;
+        tokio::select! {
+            r = client_rd.read_buf(&mut client_in), if read_client => match r {
+                Ok(0) | Err(_) => break RelayEnd::ClientGone,
+                Ok(_) => take_client_input!(),
+            },
+            r = backend_rd.read_buf(&mut backend_in), if read_backend => match r {
+                Ok(0) | Err(_) => {
+                    backend_eof = true;
+                    if !backend_cursor.at_boundary() || !backend_in.is_empty() {
+                        debug!(session = session_id, "backend closed mid-message");
+                    } else if tracker.busy() {
+                        to_client.push(
+                            ErrorFields::fatal("08006", "pgfan: the backend closed the connection unexpectedly")
+                                .to_bytes()
+                                .freeze(),
+                        );
+                    }
+                    phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+                }
+                Ok(_) => take_backend_input!(),
+            },
+            r = write_step(&mut backend_wr, &mut to_backend.current), if (!to_backend.current.is_empty() || to_backend.needs_flush()) && !backend_eof => match r {
+                Ok(Step::Wrote(n)) => to_backend.wrote(n),
+                Ok(Step::Flushed) => to_backend.unflushed = false,
+                Err(_) => {
+                    backend_eof = true;
+                    phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+                }
+            },
+            r = write_step(&mut client_wr, &mut to_client.current), if !to_client.current.is_empty() || to_client.needs_flush() => match r {
+                Ok(Step::Wrote(n)) => to_client.wrote(n),
+                Ok(Step::Flushed) => to_client.unflushed = false,
+                Err(_) => break RelayEnd::ClientGone,
+            },
+        }
+    };
+
+    if end == RelayEnd::ClientGone && tracker.busy() && !backend_eof {
+        // the backend would run the abandoned statement to its end: cancel it
+        let (addr, pid, secret) = (pinned.addr, pinned.pid, pinned.secret.clone());
+        debug!(session = session_id, pid, "client left mid-statement; cancelling backend");
+        tokio::spawn(async move {
+            if let Err(e) = send_cancel(addr, pid, &secret).await {
+                warn!(pid, error = %e, "cancel of abandoned statement failed");
+            }
+        });
+    }
+    if !backend_eof && end != RelayEnd::ClientTerminated {
+        let mut terminate = BytesMut::new();
+        terminate.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            let _ = backend_wr.write_all(&terminate).await;
+            let _ = backend_wr.flush().await;
+        })
+        .await;
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = client_wr.flush().await;
+        let _ = client_wr.shutdown().await;
+    })
+    .await;
+    end
+}
+
+/// One unit of progress toward a peer.
+enum Step {
+    Wrote(usize),
+    Flushed,
+}
+
+/// Writes from `chunk` (cancel-safe: progress is kept in `chunk`), or flushes when it is
+/// empty (TLS buffers records until flushed).
+async fn write_step<W: AsyncWrite + Unpin>(w: &mut W, chunk: &mut Bytes) -> std::io::Result<Step> {
+    if chunk.is_empty() {
+        w.flush().await?;
+        Ok(Step::Flushed)
+    } else {
+        let n = w.write_buf(chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        Ok(Step::Wrote(n))
+    }
+}
+
+/// Scans client bytes: counts statements, notes Terminate.
+fn scan_client(
+    cursor: &mut MessageCursor,
+    buf: &[u8],
+    tracker: &mut Tracker<'_>,
+) -> Result<(usize, bool), (usize, protocol::FrameError)> {
+    let mut terminated = false;
+    let n = cursor.scan(
+        buf,
+        |_| false,
+        |header, _| {
+            match header.tag {
+                b'Q' => {
+                    tracker.metrics.queries.increment(1);
+                    tracker.request();
+                }
+                b'E' => tracker.metrics.queries.increment(1),
+                b'S' => tracker.request(),
+                b'X' => terminated = true,
+                _ => {}
+            }
+            if terminated && header.tag != b'X' {
+                // anything after Terminate is not the session's any more
+                return Visit::Stop;
+            }
+            Visit::Forward
+        },
+    )?;
+    Ok((n, terminated))
+}
+
+/// Scans server bytes: tracks ReadyForQuery status and ParameterStatus values.
+fn scan_backend(
+    cursor: &mut MessageCursor,
+    buf: &[u8],
+    tracker: &mut Tracker<'_>,
+) -> Result<usize, (usize, protocol::FrameError)> {
+    cursor.scan(
+        buf,
+        |tag| tag == b'Z' || tag == b'S',
+        |header, body| {
+            match (header.tag, body) {
+                (b'Z', Some(body)) => tracker.ready(body.first().copied().unwrap_or(b'I')),
+                (b'S', Some(body)) => {
+                    let mut parts = protocol::cstrings(body);
+                    if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+                        tracker.state.parameters.insert(
+                            String::from_utf8_lossy(name).into_owned(),
+                            String::from_utf8_lossy(value).into_owned(),
+                        );
+                    }
+                }
+                _ => {}
+            }
+            Visit::Forward
+        },
+    )
+}

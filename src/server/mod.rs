@@ -1,0 +1,111 @@
+//! The client side: listener, TLS, startup and authentication (pgwire), cancel keys, and the
+//! session loop that hands an authenticated client to the relay.
+
+pub mod auth;
+pub mod cancel;
+pub mod session;
+pub mod tls;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::{error, info, Instrument};
+
+use crate::config::{Config, TlsMode};
+use auth::ClientAuth;
+use cancel::CancelRegistry;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Authentication setup failed.
+    #[error("authentication setup: {0}")]
+    Auth(String),
+}
+
+/// Everything sessions share.
+pub struct ServerContext {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Client authentication mechanisms.
+    pub auth: ClientAuth,
+    /// TLS acceptor, when `tls.mode` is not `disable`.
+    pub tls: Option<tls::ServerTls>,
+    /// Live sessions' cancel keys.
+    pub cancel: Arc<CancelRegistry>,
+    /// Authenticated-or-authenticating client sessions now.
+    pub clients: AtomicUsize,
+    next_session: AtomicU64,
+}
+
+impl ServerContext {
+    /// Builds the shared state (loads TLS files, prepares authentication).
+    pub fn new(config: Arc<Config>) -> Result<Self, ServerError> {
+        let tls = match (config.tls.mode, &config.tls.cert, &config.tls.key) {
+            (TlsMode::Disable, _, _) => None,
+            (_, Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+            _ => {
+                return Err(ServerError::Tls(tls::TlsError::Pem(
+                    "tls.cert and tls.key are required".into(),
+                )))
+            }
+        };
+        let auth = ClientAuth::new(&config, tls.as_ref().map(|t| t.cert_pem.as_slice()))
+            .map_err(|e| ServerError::Auth(e.to_string()))?;
+        Ok(Self {
+            config,
+            auth,
+            tls,
+            cancel: Arc::new(CancelRegistry::default()),
+            clients: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+        })
+    }
+}
+
+/// Binds the listen address.
+pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })
+}
+
+/// Accepts clients forever, one task per session.
+pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, primary = %ctx.config.primary().url.address(), "pgfan listening");
+    }
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => {
+                let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
+                let ctx = ctx.clone();
+                tokio::spawn(
+                    session::run(ctx, socket, id)
+                        .instrument(tracing::info_span!("session", session = id, %peer)),
+                );
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

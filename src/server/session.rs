@@ -1,0 +1,314 @@
+//! One client session: TLS negotiation, startup, authentication, the backend login with the
+//! client's startup parameters, and then the relay until the client leaves.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use pgwire::api::auth::{
+    protocol_negotiation, save_startup_parameters_to_metadata, AuthDriver, AuthOutcome,
+    DefaultServerParameterProvider,
+};
+use pgwire::api::ClientInfo;
+use pgwire::error::{ErrorInfo, PgWireError};
+use pgwire::messages::startup::{Authentication, SecretKey, Startup};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use pgwire::tokio::server::{negotiate_tls, MaybeTls, PgWireMessageServerCodec};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use tracing::{debug, warn};
+
+use super::cancel::CancelTarget;
+use super::ServerContext;
+use crate::backends::connect::{self, send_cancel};
+use crate::config::TlsMode;
+use crate::metrics::{self as m, SessionMetrics};
+use crate::protocol::{self, ErrorFields};
+use crate::relay::{self, PinnedBackend, SessionState};
+
+/// Time a client has to finish TLS, startup and authentication (PostgreSQL's
+/// `authentication_timeout` default).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+type ClientFramed = Framed<MaybeTls, PgWireMessageServerCodec<()>>;
+
+/// Decrements the client count when a session ends.
+struct ClientSlot<'a>(&'a ServerContext);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(m::CLIENT_CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// Runs one client connection to its end.
+pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
+    metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
+    let acceptor = ctx.tls.as_ref().map(|t| t.acceptor.clone());
+    let startup = tokio::time::timeout(STARTUP_TIMEOUT, async {
+        let framed = negotiate_tls::<()>(socket, acceptor).await.ok()??;
+        startup(&ctx, framed).await
+    })
+    .await;
+    let Ok(Some(ready)) = startup else {
+        return;
+    };
+    let Established {
+        framed,
+        backend,
+        slot,
+    } = ready;
+    let _slot = slot;
+
+    let pinned = PinnedBackend {
+        name: ctx.config.primary().name.clone(),
+        addr: backend.addr,
+        pid: backend.pid,
+        secret: backend.secret.clone(),
+    };
+    let (client_secret, _cancel_guard) = ctx.cancel.register(CancelTarget {
+        addr: backend.addr,
+        pid: backend.pid,
+        secret: backend.secret.clone(),
+    });
+
+    // The rest of the startup comes from the backend: its ParameterStatus values, its PID
+    // with our secret, and its ReadyForQuery.
+    let mut hello = BytesMut::with_capacity(backend.startup_messages.len() + 32);
+    hello.extend_from_slice(&backend.startup_messages);
+    protocol::put_backend_key_data(&mut hello, backend.pid, client_secret);
+    protocol::put_ready_for_query(&mut hello, backend.status);
+
+    let parts = framed.into_parts();
+    let mut client = parts.io;
+    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+        return;
+    }
+    let mut state = SessionState {
+        status: backend.status,
+        parameters: backend.parameters.iter().cloned().collect(),
+    };
+    let metrics = SessionMetrics::new(&pinned.name);
+    debug!(backend_pid = backend.pid, "session started");
+    let end = relay::relay(
+        session_id,
+        client,
+        parts.read_buf,
+        backend.stream,
+        backend.pending,
+        &pinned,
+        &mut state,
+        &metrics,
+    )
+    .await;
+    debug!(?end, "session ended");
+}
+
+/// A client that passed startup and authentication, with its backend logged in.
+struct Established<'a> {
+    framed: ClientFramed,
+    backend: connect::BackendConnection,
+    slot: ClientSlot<'a>,
+}
+
+async fn send_error(framed: &mut ClientFramed, error: ErrorFields) {
+    let _ = framed.get_mut().write_all(&error.to_bytes()).await;
+    let _ = framed.get_mut().flush().await;
+}
+
+/// Startup message, limits, authentication and backend login.
+async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Established<'_>> {
+    let message = match framed.next().await {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            debug!(error = %e, "bad startup packet");
+            send_error(&mut framed, ErrorFields::fatal("08P01", "invalid startup packet")).await;
+            return None;
+        }
+        None => return None,
+    };
+    let startup = match message {
+        PgWireFrontendMessage::Startup(s) => s,
+        PgWireFrontendMessage::CancelRequest(c) => {
+            let secret = match &c.secret_key {
+                SecretKey::I32(s) => s.to_be_bytes().to_vec(),
+                SecretKey::Bytes(b) => b.to_vec(),
+            };
+            match ctx.cancel.lookup(c.pid, &secret) {
+                Some(t) => {
+                    debug!(pid = c.pid, "forwarding cancel request");
+                    if let Err(e) = send_cancel(t.addr, t.pid, &t.secret).await {
+                        warn!(error = %e, "cancel forward failed");
+                    }
+                }
+                None => debug!(pid = c.pid, "cancel request for unknown key ignored"),
+            }
+            return None;
+        }
+        other => {
+            debug!(?other, "unexpected first message");
+            send_error(&mut framed, ErrorFields::fatal("08P01", "invalid startup packet")).await;
+            return None;
+        }
+    };
+
+    if ctx.config.tls.mode == TlsMode::Require && !framed.is_secure() {
+        metrics::counter!(m::CLIENT_CONNECTIONS_REJECTED, "reason" => "tls").increment(1);
+        send_error(
+            &mut framed,
+            ErrorFields::fatal("28000", "SSL connection is required by pgfan (tls.mode = require)"),
+        )
+        .await;
+        return None;
+    }
+
+    let slot = {
+        let n = ctx.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(m::CLIENT_CONNECTIONS).increment(1.0);
+        let slot = ClientSlot(ctx);
+        if n > ctx.config.max_client_connections {
+            metrics::counter!(m::CLIENT_CONNECTIONS_REJECTED, "reason" => "limit").increment(1);
+            send_error(&mut framed, ErrorFields::fatal("53300", "sorry, too many clients already"))
+                .await;
+            return None;
+        }
+        slot
+    };
+
+    if let Err(e) = protocol_negotiation(&mut framed, &startup).await {
+        send_error(&mut framed, ErrorFields::fatal("08P01", e.to_string())).await;
+        return None;
+    }
+    save_startup_parameters_to_metadata(&mut framed, &startup);
+    let Some(user) = startup.parameters.get("user").cloned() else {
+        send_error(
+            &mut framed,
+            ErrorFields::fatal("28000", "no PostgreSQL user name specified in startup packet"),
+        )
+        .await;
+        return None;
+    };
+
+    if !authenticate(ctx, &mut framed, &user).await {
+        metrics::counter!(m::CLIENT_CONNECTIONS_REJECTED, "reason" => "auth").increment(1);
+        return None;
+    }
+
+    let backend = match login_backend(ctx, &startup, &user).await {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "backend login failed");
+            let _ = framed.get_mut().write_all(&e.to_error_response()).await;
+            let _ = framed.get_mut().flush().await;
+            return None;
+        }
+    };
+    Some(Established {
+        framed,
+        backend,
+        slot,
+    })
+}
+
+/// Runs the configured authentication exchange and sends AuthenticationOk.
+async fn authenticate(ctx: &ServerContext, framed: &mut ClientFramed, user: &str) -> bool {
+    let driver: AuthDriver<DefaultServerParameterProvider> =
+        AuthDriver::new(DefaultServerParameterProvider::default());
+    if let Some(mechanism) = ctx.auth.mechanism(framed.is_secure()) {
+        let mut outcome = driver.begin_authentication(framed, mechanism).await;
+        loop {
+            match outcome {
+                Ok(AuthOutcome::InProgress) => {}
+                Ok(AuthOutcome::Authenticated { final_message, .. }) => {
+                    if let Some(msg) = final_message {
+                        if framed
+                            .send(PgWireBackendMessage::Authentication(msg))
+                            .await
+                            .is_err()
+                        {
+                            return false;
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    debug!(error = %e, method = ?ctx.auth.method(), "authentication failed");
+                    send_error(framed, auth_error(e, user)).await;
+                    return false;
+                }
+            }
+            let message = match framed.next().await {
+                Some(Ok(PgWireFrontendMessage::PasswordMessageFamily(p))) => p,
+                // the client hung up (psql does this once to ask for a password)
+                None => return false,
+                Some(Ok(_)) | Some(Err(_)) => {
+                    send_error(
+                        framed,
+                        ErrorFields::fatal("08P01", "expected a password message"),
+                    )
+                    .await;
+                    return false;
+                }
+            };
+            outcome = driver.advance_authentication(framed, message).await;
+        }
+    }
+    framed
+        .send(PgWireBackendMessage::Authentication(Authentication::Ok))
+        .await
+        .is_ok()
+}
+
+/// PostgreSQL's wording for a failed login.
+fn auth_error(e: PgWireError, user: &str) -> ErrorFields {
+    let info = ErrorInfo::from(e);
+    let code = match info.code.as_str() {
+        "28P01" => "28P01",
+        "08P01" => "08P01",
+        _ => "28000",
+    };
+    let message = if code == "28P01" {
+        format!("password authentication failed for user \"{user}\"")
+    } else {
+        info.message
+    };
+    ErrorFields::fatal(code, message)
+}
+
+/// Logs in to the primary with the client's startup parameters.
+async fn login_backend(
+    ctx: &ServerContext,
+    startup: &Startup,
+    user: &str,
+) -> Result<connect::BackendConnection, connect::ConnectError> {
+    let url = &ctx.config.primary().url;
+    let mut params: Vec<(String, String)> = startup
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(u) = &url.user {
+        set_param(&mut params, "user", u);
+    }
+    if let Some(d) = &url.database {
+        set_param(&mut params, "database", d);
+    }
+    let backend_user = url.user.as_deref().unwrap_or(user);
+    let password = url.password.clone().or_else(|| {
+        ctx.config
+            .user(backend_user)
+            .and_then(|u| u.password.clone())
+    });
+    connect::connect(url, &params, password.as_deref()).await
+}
+
+fn set_param(params: &mut Vec<(String, String)>, key: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == key) {
+        Some(p) => p.1 = value.to_string(),
+        None => params.push((key.to_string(), value.to_string())),
+    }
+}
