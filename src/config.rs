@@ -132,9 +132,7 @@ impl BackendUrl {
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_default()
         };
-        let user = Some(url.username())
-            .filter(|u| !u.is_empty())
-            .map(&decode);
+        let user = Some(url.username()).filter(|u| !u.is_empty()).map(&decode);
         let password = url.password().map(&decode);
         let database = Some(url.path().trim_start_matches('/'))
             .filter(|d| !d.is_empty())
@@ -350,9 +348,13 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
     })?;
 
     let addr = |value: &str, span: Option<Range<usize>>, key: &str| {
-        value
-            .parse::<SocketAddr>()
-            .map_err(|e| src.invalid(span, key, format!("{value:?} is not an IP:port address: {e}")))
+        value.parse::<SocketAddr>().map_err(|e| {
+            src.invalid(
+                span,
+                key,
+                format!("{value:?} is not an IP:port address: {e}"),
+            )
+        })
     };
 
     let listen = match (&overrides.listen, &raw.listen) {
@@ -461,7 +463,11 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
     let mut names = std::collections::HashSet::new();
     for b in &backends {
         if !names.insert(b.name.clone()) {
-            return Err(src.invalid(None, "backends.name", format!("duplicate name {:?}", b.name)));
+            return Err(src.invalid(
+                None,
+                "backends.name",
+                format!("duplicate name {:?}", b.name),
+            ));
         }
     }
 
@@ -543,9 +549,13 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = parse("p.toml", "listen = \"127.0.0.1:1\"\nbogus = 1\n", &with_primary())
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "p.toml",
+            "listen = \"127.0.0.1:1\"\nbogus = 1\n",
+            &with_primary(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("bogus"), "{err}");
         assert!(err.contains("line 2"), "{err}");
     }
@@ -556,7 +566,10 @@ mod tests {
         let err = parse("p.toml", text, &Overrides::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 3") && err.contains("backends[0].url"), "{err}");
+        assert!(
+            err.contains("line 3") && err.contains("backends[0].url"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -575,8 +588,8 @@ mod tests {
 
     #[test]
     fn url_fields() {
-        let u = BackendUrl::parse("postgres://bob:p%40ss@db.local:5433/app?sslmode=require")
-            .unwrap();
+        let u =
+            BackendUrl::parse("postgres://bob:p%40ss@db.local:5433/app?sslmode=require").unwrap();
         assert_eq!(u.user.as_deref(), Some("bob"));
         assert_eq!(u.password.as_deref(), Some("p@ss"));
         assert_eq!(u.database.as_deref(), Some("app"));

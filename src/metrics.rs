@@ -29,8 +29,8 @@ pub const ROUTE_PASSTHROUGH: &str = "passthrough";
 /// Installs the global recorder; serves `/metrics` on `listen` when given.
 pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
     let buckets = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-        2.5, 5.0, 10.0, 30.0, 60.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 60.0,
     ];
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(QUERY_DURATION.to_string()), &buckets)?;

@@ -202,7 +202,9 @@ async fn connect_inner(
         match tag {
             b'R' => {
                 if body.len() < 4 {
-                    return Err(ConnectError::Protocol("short authentication request".into()));
+                    return Err(ConnectError::Protocol(
+                        "short authentication request".into(),
+                    ));
                 }
                 let code = body.get_i32();
                 let mut reply = BytesMut::new();
@@ -351,7 +353,9 @@ async fn negotiate_tls(
     tcp.read_exact(&mut answer).await?;
     if answer[0] != b'S' {
         if required {
-            return Err(io::Error::other("server does not support SSL, but sslmode=require"));
+            return Err(io::Error::other(
+                "server does not support SSL, but sslmode=require",
+            ));
         }
         return Ok(BackendStream::Plain(tcp));
     }
@@ -364,7 +368,9 @@ async fn negotiate_tls(
         .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
     Ok(BackendStream::Tls(Box::new(tls)))
 }
 
@@ -428,7 +434,8 @@ pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: &[u8]) -> io::Resul
     let mut tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timeout"))??;
-    tcp.write_all(&protocol::cancel_request(pid, secret)).await?;
+    tcp.write_all(&protocol::cancel_request(pid, secret))
+        .await?;
     // the server closes the socket when it has processed the request
     let mut sink = [0u8; 1];
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;

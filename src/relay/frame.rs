@@ -95,29 +95,41 @@ mod tests {
         let mut seen = Vec::new();
         // first chunk: header + part of the DataRow
         let n = cur
-            .scan(&stream[..20], |t| t == b'Z', |h, b| {
-                seen.push((h.tag, b.map(<[u8]>::to_vec)));
-                Visit::Forward
-            })
+            .scan(
+                &stream[..20],
+                |t| t == b'Z',
+                |h, b| {
+                    seen.push((h.tag, b.map(<[u8]>::to_vec)));
+                    Visit::Forward
+                },
+            )
             .unwrap();
         assert_eq!(n, 20);
         assert!(!cur.at_boundary());
         // rest of the DataRow and half of ReadyForQuery
         let rest = &stream[20..stream.len() - 2];
         let n = cur
-            .scan(rest, |t| t == b'Z', |h, b| {
-                seen.push((h.tag, b.map(<[u8]>::to_vec)));
-                Visit::Forward
-            })
+            .scan(
+                rest,
+                |t| t == b'Z',
+                |h, b| {
+                    seen.push((h.tag, b.map(<[u8]>::to_vec)));
+                    Visit::Forward
+                },
+            )
             .unwrap();
         assert_eq!(n, 105 - 20);
         assert!(cur.at_boundary());
         let tail = &stream[105..];
         let n = cur
-            .scan(tail, |t| t == b'Z', |h, b| {
-                seen.push((h.tag, b.map(<[u8]>::to_vec)));
-                Visit::Forward
-            })
+            .scan(
+                tail,
+                |t| t == b'Z',
+                |h, b| {
+                    seen.push((h.tag, b.map(<[u8]>::to_vec)));
+                    Visit::Forward
+                },
+            )
             .unwrap();
         assert_eq!(n, 6);
         assert_eq!(seen, vec![(b'D', None), (b'Z', Some(b"I".to_vec()))]);
@@ -129,13 +141,17 @@ mod tests {
         stream.extend(msg(b'X', b""));
         let mut cur = MessageCursor::default();
         let n = cur
-            .scan(&stream, |_| true, |h, _| {
-                if h.tag == b'X' {
-                    Visit::Stop
-                } else {
-                    Visit::Forward
-                }
-            })
+            .scan(
+                &stream,
+                |_| true,
+                |h, _| {
+                    if h.tag == b'X' {
+                        Visit::Stop
+                    } else {
+                        Visit::Forward
+                    }
+                },
+            )
             .unwrap();
         assert_eq!(n, 14);
     }
@@ -144,7 +160,11 @@ mod tests {
     fn bad_length_is_an_error() {
         let mut cur = MessageCursor::default();
         assert!(cur
-            .scan(&[b'Q', 0x80, 0, 0, 0, 1, 2], |_| true, |_, _| Visit::Forward)
+            .scan(
+                &[b'Q', 0x80, 0, 0, 0, 1, 2],
+                |_| true,
+                |_, _| Visit::Forward
+            )
             .is_err());
     }
 }

@@ -280,7 +280,10 @@ where
     if end == RelayEnd::ClientGone && tracker.busy() && !backend_eof {
         // the backend would run the abandoned statement to its end: cancel it
         let (addr, pid, secret) = (pinned.addr, pinned.pid, pinned.secret.clone());
-        debug!(session = session_id, pid, "client left mid-statement; cancelling backend");
+        debug!(
+            session = session_id,
+            pid, "client left mid-statement; cancelling backend"
+        );
         tokio::spawn(async move {
             if let Err(e) = send_cancel(addr, pid, &secret).await {
                 warn!(pid, error = %e, "cancel of abandoned statement failed");

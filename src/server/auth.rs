@@ -10,8 +10,8 @@ use base64::Engine;
 use pgwire::api::auth::mechanism::{AuthMechanism, AuthMechanismFactory};
 use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth, ScramSecret};
 use pgwire::api::auth::sasl::{SaslMechanismFactory, SaslMechanisms};
-use pgwire::api::auth::{AuthSource, LoginInfo, Password};
 use pgwire::api::auth::{cleartext::CleartextPasswordAuth, md5pass::Md5PasswordAuth};
+use pgwire::api::auth::{AuthSource, LoginInfo, Password};
 use pgwire::error::{PgWireError, PgWireResult};
 use ring::{digest, hmac};
 
@@ -125,11 +125,8 @@ impl AuthSource for UserStore {
                 // md5 needs the cleartext; a verifier-only user cannot log in this way
                 return Err(PgWireError::InvalidPassword(user.to_string()));
             };
-            let hash = postgres_protocol::authentication::md5_hash(
-                user.as_bytes(),
-                p.as_bytes(),
-                salt,
-            );
+            let hash =
+                postgres_protocol::authentication::md5_hash(user.as_bytes(), p.as_bytes(), salt);
             return Ok(Password::new(Some(salt.to_vec()), hash.into_bytes()));
         }
         Ok(Password::new(

@@ -85,7 +85,9 @@ mod tests {
         };
         let (secret, guard) = reg.register(target);
         assert!(reg.lookup(42, &secret.to_be_bytes()).is_some());
-        assert!(reg.lookup(42, &secret.wrapping_add(1).to_be_bytes()).is_none());
+        assert!(reg
+            .lookup(42, &secret.wrapping_add(1).to_be_bytes())
+            .is_none());
         assert!(reg.lookup(43, &secret.to_be_bytes()).is_none());
         drop(guard);
         assert!(reg.lookup(42, &secret.to_be_bytes()).is_none());

@@ -126,7 +126,11 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
         Some(Ok(m)) => m,
         Some(Err(e)) => {
             debug!(error = %e, "bad startup packet");
-            send_error(&mut framed, ErrorFields::fatal("08P01", "invalid startup packet")).await;
+            send_error(
+                &mut framed,
+                ErrorFields::fatal("08P01", "invalid startup packet"),
+            )
+            .await;
             return None;
         }
         None => return None,
@@ -151,7 +155,11 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
         }
         other => {
             debug!(?other, "unexpected first message");
-            send_error(&mut framed, ErrorFields::fatal("08P01", "invalid startup packet")).await;
+            send_error(
+                &mut framed,
+                ErrorFields::fatal("08P01", "invalid startup packet"),
+            )
+            .await;
             return None;
         }
     };
@@ -160,7 +168,10 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
         metrics::counter!(m::CLIENT_CONNECTIONS_REJECTED, "reason" => "tls").increment(1);
         send_error(
             &mut framed,
-            ErrorFields::fatal("28000", "SSL connection is required by pgfan (tls.mode = require)"),
+            ErrorFields::fatal(
+                "28000",
+                "SSL connection is required by pgfan (tls.mode = require)",
+            ),
         )
         .await;
         return None;
@@ -172,8 +183,11 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
         let slot = ClientSlot(ctx);
         if n > ctx.config.max_client_connections {
             metrics::counter!(m::CLIENT_CONNECTIONS_REJECTED, "reason" => "limit").increment(1);
-            send_error(&mut framed, ErrorFields::fatal("53300", "sorry, too many clients already"))
-                .await;
+            send_error(
+                &mut framed,
+                ErrorFields::fatal("53300", "sorry, too many clients already"),
+            )
+            .await;
             return None;
         }
         slot
@@ -187,7 +201,10 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
     let Some(user) = startup.parameters.get("user").cloned() else {
         send_error(
             &mut framed,
-            ErrorFields::fatal("28000", "no PostgreSQL user name specified in startup packet"),
+            ErrorFields::fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ),
         )
         .await;
         return None;
