@@ -225,6 +225,10 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     /// Client TLS.
     pub tls: TlsConfig,
+    /// Reset (`DISCARD ALL`) and reuse pass-through connections after a clean client exit.
+    pub reuse_backend_connections: bool,
+    /// Idle reset connections are closed after this long.
+    pub backend_idle_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -256,6 +260,8 @@ struct RawConfig {
     #[serde(default)]
     users: Vec<RawUser>,
     tls: Option<RawTls>,
+    reuse_backend_connections: Option<bool>,
+    backend_idle_timeout_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -524,7 +530,21 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
         }
     }
 
+    let backend_idle_timeout = match &raw.backend_idle_timeout_secs {
+        Some(v) if *v.get_ref() < 0 => {
+            return Err(src.invalid(
+                Some(v.span()),
+                "backend_idle_timeout_secs",
+                "must not be negative".into(),
+            ))
+        }
+        Some(v) => std::time::Duration::from_secs(*v.get_ref() as u64),
+        None => std::time::Duration::from_secs(60),
+    };
+
     Ok(Config {
+        reuse_backend_connections: raw.reuse_backend_connections.unwrap_or(true),
+        backend_idle_timeout,
         listen,
         metrics_listen,
         auth,

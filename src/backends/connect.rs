@@ -307,7 +307,8 @@ async fn connect_inner(
     }
 }
 
-fn append_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+/// Appends a message with the given type and body.
+pub(crate) fn append_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.extend_from_slice(&[tag]);
     out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     out.extend_from_slice(body);
@@ -315,12 +316,13 @@ fn append_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
 
 /// Reads whole messages during startup (small ones only).
 #[derive(Default)]
-struct MessageReader {
-    buf: BytesMut,
+pub(crate) struct MessageReader {
+    pub(crate) buf: BytesMut,
 }
 
 impl MessageReader {
-    async fn next(&mut self, stream: &mut BackendStream) -> io::Result<(u8, BytesMut)> {
+    /// Reads the next whole message: type byte and body.
+    pub(crate) async fn next(&mut self, stream: &mut BackendStream) -> io::Result<(u8, BytesMut)> {
         loop {
             match protocol::read_header(&self.buf) {
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),

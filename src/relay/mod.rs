@@ -114,6 +114,9 @@ enum Phase {
 /// The per-statement bookkeeping of one session.
 struct Tracker<'a> {
     inflight: VecDeque<Instant>,
+    /// Extended-protocol messages sent since the last Sync: the backend may hold an open
+    /// implicit transaction, so the connection must not be reset and reused.
+    unsynced: bool,
     metrics: &'a SessionMetrics,
     state: &'a mut SessionState,
 }
@@ -154,7 +157,8 @@ impl Drop for Tracker<'_> {
 }
 
 /// Relays until one side ends the session. `client_pending` and `backend_pending` are
-/// bytes already read from each side.
+/// bytes already read from each side. Returns how the session ended and, after a clean
+/// Terminate with the backend idle and nothing in flight, the backend for reuse.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<C, B>(
     session_id: u64,
@@ -165,10 +169,10 @@ pub async fn relay<C, B>(
     pinned: &PinnedBackend,
     state: &mut SessionState,
     metrics: &SessionMetrics,
-) -> RelayEnd
+) -> (RelayEnd, Option<B>)
 where
     C: AsyncRead + AsyncWrite,
-    B: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut backend_rd, mut backend_wr) = tokio::io::split(backend);
@@ -181,6 +185,7 @@ where
     metrics.backend_idle.increment(1.0);
     let mut tracker = Tracker {
         inflight: VecDeque::new(),
+        unsynced: false,
         metrics,
         state,
     };
@@ -290,21 +295,30 @@ where
             }
         });
     }
-    if !backend_eof && end != RelayEnd::ClientTerminated {
-        let mut terminate = BytesMut::new();
-        terminate.extend_from_slice(&[b'X', 0, 0, 0, 4]);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-            let _ = backend_wr.write_all(&terminate).await;
-            let _ = backend_wr.flush().await;
-        })
-        .await;
-    }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         let _ = client_wr.flush().await;
         let _ = client_wr.shutdown().await;
     })
     .await;
-    end
+    let reusable = end == RelayEnd::ClientTerminated
+        && !backend_eof
+        && !tracker.busy()
+        && !tracker.unsynced
+        && tracker.state.status == b'I'
+        && backend_cursor.at_boundary()
+        && backend_in.is_empty();
+    drop(tracker);
+    if reusable {
+        return (end, Some(backend_rd.unsplit(backend_wr)));
+    }
+    if !backend_eof {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            let _ = backend_wr.write_all(&[b'X', 0, 0, 0, 4]).await;
+            let _ = backend_wr.flush().await;
+        })
+        .await;
+    }
+    (end, None)
 }
 
 /// One unit of progress toward a peer.
@@ -328,7 +342,7 @@ async fn write_step<W: AsyncWrite + Unpin>(w: &mut W, chunk: &mut Bytes) -> std:
     }
 }
 
-/// Scans client bytes: counts statements, notes Terminate.
+/// Scans client bytes: counts statements, stops at Terminate.
 fn scan_client(
     cursor: &mut MessageCursor,
     buf: &[u8],
@@ -344,14 +358,22 @@ fn scan_client(
                     tracker.metrics.queries.increment(1);
                     tracker.request();
                 }
-                b'E' => tracker.metrics.queries.increment(1),
-                b'S' => tracker.request(),
-                b'X' => terminated = true,
+                b'F' => tracker.request(),
+                b'E' => {
+                    tracker.metrics.queries.increment(1);
+                    tracker.unsynced = true;
+                }
+                b'P' | b'B' | b'D' | b'C' | b'H' => tracker.unsynced = true,
+                b'S' => {
+                    tracker.unsynced = false;
+                    tracker.request();
+                }
+                b'X' => {
+                    // not forwarded: pgfan decides whether the connection is closed or reset
+                    terminated = true;
+                    return Visit::Stop;
+                }
                 _ => {}
-            }
-            if terminated && header.tag != b'X' {
-                // anything after Terminate is not the session's any more
-                return Visit::Stop;
             }
             Visit::Forward
         },

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{error, info, Instrument};
 
+use crate::backends::session_pool::SessionPool;
 use crate::config::{Config, TlsMode};
 use auth::ClientAuth;
 use cancel::CancelRegistry;
@@ -48,6 +49,8 @@ pub struct ServerContext {
     pub cancel: Arc<CancelRegistry>,
     /// Authenticated-or-authenticating client sessions now.
     pub clients: AtomicUsize,
+    /// Reset pass-through connections waiting for their next client.
+    pub session_pool: SessionPool,
     next_session: AtomicU64,
 }
 
@@ -66,11 +69,12 @@ impl ServerContext {
         let auth = ClientAuth::new(&config, tls.as_ref().map(|t| t.cert_pem.as_slice()))
             .map_err(|e| ServerError::Auth(e.to_string()))?;
         Ok(Self {
-            config,
+            config: config.clone(),
             auth,
             tls,
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
+            session_pool: SessionPool::new(config.backend_idle_timeout, 1000),
             next_session: AtomicU64::new(1),
         })
     }
@@ -88,6 +92,15 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
 
 /// Accepts clients forever, one task per session.
 pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
+    let pruner = ctx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            pruner.session_pool.prune();
+            session::record_parked(&pruner);
+        }
+    });
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, primary = %ctx.config.primary().url.address(), "pgfan listening");
     }

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use super::cancel::CancelTarget;
 use super::ServerContext;
 use crate::backends::connect::{self, send_cancel};
+use crate::backends::session_pool::{IdleBackend, PoolKey};
 use crate::config::TlsMode;
 use crate::metrics::{self as m, SessionMetrics};
 use crate::protocol::{self, ErrorFields};
@@ -59,7 +60,8 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
     };
     let Established {
         framed,
-        backend,
+        mut backend,
+        pool_key,
         slot,
     } = ready;
     let _slot = slot;
@@ -94,24 +96,51 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
     };
     let metrics = SessionMetrics::new(&pinned.name);
     debug!(backend_pid = backend.pid, "session started");
-    let end = relay::relay(
+    let (end, reusable) = relay::relay(
         session_id,
         client,
         parts.read_buf,
         backend.stream,
-        backend.pending,
+        std::mem::take(&mut backend.pending),
         &pinned,
         &mut state,
         &metrics,
     )
     .await;
-    debug!(?end, "session ended");
+    debug!(?end, reused = reusable.is_some(), "session ended");
+    if let (Some(stream), true) = (reusable, ctx.config.reuse_backend_connections) {
+        // ParameterStatus values as the session left them; DISCARD ALL reports the resets
+        let parameters = backend
+            .parameters
+            .iter()
+            .map(|(name, value)| {
+                let now = state.parameters.get(name).unwrap_or(value);
+                (name.clone(), now.clone())
+            })
+            .collect();
+        let idle = IdleBackend {
+            stream,
+            addr: backend.addr,
+            pid: backend.pid,
+            secret: backend.secret,
+            parameters,
+        };
+        ctx.session_pool.reset_and_park(pool_key, idle).await;
+        record_parked(&ctx);
+    }
+}
+
+/// Publishes the number of parked connections.
+pub fn record_parked(ctx: &ServerContext) {
+    metrics::gauge!(m::BACKEND_CONNECTIONS, "backend" => ctx.config.primary().name.clone(), "state" => "pooled")
+        .set(ctx.session_pool.parked() as f64);
 }
 
 /// A client that passed startup and authentication, with its backend logged in.
 struct Established<'a> {
     framed: ClientFramed,
     backend: connect::BackendConnection,
+    pool_key: PoolKey,
     slot: ClientSlot<'a>,
 }
 
@@ -215,7 +244,20 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
         return None;
     }
 
-    let backend = match login_backend(ctx, &startup, &user).await {
+    let (pool_key, params, password) = backend_login_params(ctx, &startup, &user);
+    let reused = if ctx.config.reuse_backend_connections {
+        ctx.session_pool.checkout(&pool_key)
+    } else {
+        None
+    };
+    if reused.is_some() {
+        record_parked(ctx);
+    }
+    let login = match reused {
+        Some(conn) => Ok(conn),
+        None => connect::connect(&ctx.config.primary().url, &params, password.as_deref()).await,
+    };
+    let backend = match login {
         Ok(b) => b,
         Err(e) => {
             warn!(error = %e, "backend login failed");
@@ -227,6 +269,7 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
     Some(Established {
         framed,
         backend,
+        pool_key,
         slot,
     })
 }
@@ -296,13 +339,15 @@ fn auth_error(e: PgWireError, user: &str) -> ErrorFields {
     ErrorFields::fatal(code, message)
 }
 
-/// Logs in to the primary with the client's startup parameters.
-async fn login_backend(
+/// The startup parameters, pool key and password for the primary login: the client's
+/// parameters, with user and database replaced when the backend URL fixes them.
+fn backend_login_params(
     ctx: &ServerContext,
     startup: &Startup,
     user: &str,
-) -> Result<connect::BackendConnection, connect::ConnectError> {
-    let url = &ctx.config.primary().url;
+) -> (PoolKey, Vec<(String, String)>, Option<String>) {
+    let primary = ctx.config.primary();
+    let url = &primary.url;
     let mut params: Vec<(String, String)> = startup
         .parameters
         .iter()
@@ -320,7 +365,9 @@ async fn login_backend(
             .user(backend_user)
             .and_then(|u| u.password.clone())
     });
-    connect::connect(url, &params, password.as_deref()).await
+    let mut sorted = params.clone();
+    sorted.sort();
+    ((primary.name.clone(), sorted), params, password)
 }
 
 fn set_param(params: &mut Vec<(String, String)>, key: &str, value: &str) {
