@@ -1,0 +1,166 @@
+//! pgbench through pgfan (issue 2, "Tests"): `pgbench -i -s 5` into a fresh database, then
+//! `pgbench -M simple|extended|prepared -c 8 -j 2 -T 10` must finish with 0 failed
+//! transactions and a non-zero number of processed transactions.
+//!
+//! Each protocol mode is its own test with its own database and pgfan instance, so the three
+//! run in parallel under `--test-threads=4`.
+//!
+//! Run: `cargo test --test pgbench`.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::{cluster, connect_primary, create_database, drop_database, Pgfan};
+
+fn path_with_pg_bin() -> String {
+    let old = std::env::var("PATH").unwrap_or_default();
+    format!("{}:{old}", cluster().pg_bin.display())
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs pgbench against pgfan on `port`, database `db`, bounded by `limit`.
+async fn pgbench(port: u16, db: &str, args: &[&str], limit: Duration) -> Output {
+    let bin = cluster().pg_bin.join("pgbench");
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg(db)
+        .env("PATH", path_with_pg_bin())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for var in [
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+        "PGSSLMODE",
+        "PGOPTIONS",
+    ] {
+        cmd.env_remove(var);
+    }
+    tokio::time::timeout(limit, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("pgbench {args:?} did not finish within {limit:?}"))
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+}
+
+/// The integer after `label` on the line that starts with it.
+fn field(stdout: &str, label: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(label)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+    })
+}
+
+async fn run_mode(mode: &str) {
+    let db = format!("pgfan_pgbench_{mode}");
+    create_database(&db).await;
+    let pgfan = Pgfan::start(&[]);
+
+    let init = pgbench(
+        pgfan.port,
+        &db,
+        &["-i", "-s", "5"],
+        Duration::from_secs(300),
+    )
+    .await;
+    assert!(
+        init.status.success(),
+        "pgbench -i -s 5 through pgfan failed:\n{}\npgfan log:\n{}",
+        show(&init),
+        pgfan.log_tail()
+    );
+    // The initialisation really landed in the database.
+    let direct = connect_primary(&db).await;
+    let accounts: i64 = direct
+        .query_one("select count(*) from pgbench_accounts", &[])
+        .await
+        .expect("count pgbench_accounts")
+        .get(0);
+    assert_eq!(accounts, 500_000, "pgbench_accounts rows after -i -s 5");
+    let branches: i64 = direct
+        .query_one("select count(*) from pgbench_branches", &[])
+        .await
+        .expect("count pgbench_branches")
+        .get(0);
+    assert_eq!(branches, 5, "pgbench_branches rows after -i -s 5");
+    let history_before: i64 = direct
+        .query_one("select count(*) from pgbench_history", &[])
+        .await
+        .expect("count pgbench_history")
+        .get(0);
+    assert_eq!(history_before, 0);
+
+    let run = pgbench(
+        pgfan.port,
+        &db,
+        &["-M", mode, "-c", "8", "-j", "2", "-T", "10"],
+        Duration::from_secs(120),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let report = format!("{}\npgfan log:\n{}", show(&run), pgfan.log_tail());
+    assert!(run.status.success(), "pgbench -M {mode} failed:\n{report}");
+    assert!(
+        stdout.contains(&format!("query mode: {mode}")),
+        "pgbench did not run in mode {mode}:\n{report}"
+    );
+    let processed = field(&stdout, "number of transactions actually processed:")
+        .unwrap_or_else(|| panic!("no 'transactions actually processed' line:\n{report}"));
+    let failed = field(&stdout, "number of failed transactions:")
+        .unwrap_or_else(|| panic!("no 'number of failed transactions' line:\n{report}"));
+    assert_eq!(failed, 0, "failed transactions in -M {mode}:\n{report}");
+    assert!(
+        processed > 0,
+        "no transactions processed in -M {mode}:\n{report}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&run.stderr).contains("error"),
+        "pgbench -M {mode} reported errors:\n{report}"
+    );
+
+    // Every processed transaction inserted one history row through pgfan. A transaction
+    // in flight when the 10 s ran out may have committed without being counted: at most
+    // one per client.
+    let history = direct
+        .query_one("select count(*) from pgbench_history", &[])
+        .await
+        .expect("count pgbench_history")
+        .get::<_, i64>(0) as u64;
+    assert!(
+        (processed..=processed + 8).contains(&history),
+        "pgbench_history has {history} rows but pgbench processed {processed} transactions \
+         in -M {mode}"
+    );
+    drop(direct);
+    drop(pgfan);
+    drop_database(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_simple() {
+    run_mode("simple").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_extended() {
+    run_mode("extended").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared() {
+    run_mode("prepared").await;
+}
