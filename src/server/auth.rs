@@ -167,8 +167,10 @@ impl AuthSource for UserStore {
 /// Creates the per-connection authentication state machine for the configured method.
 pub struct ClientAuth {
     method: AuthMethod,
-    plain: Option<Arc<dyn AuthMechanismFactory>>,
-    tls: Option<Arc<dyn AuthMechanismFactory>>,
+    store: Arc<UserStore>,
+    primary: Option<Arc<dyn AuthMechanismFactory>>,
+    scram_plain: Arc<dyn AuthMechanismFactory>,
+    scram_tls: Arc<dyn AuthMechanismFactory>,
 }
 
 impl ClientAuth {
@@ -186,42 +188,54 @@ impl ClientAuth {
             users,
             md5: config.auth == AuthMethod::Md5,
         });
-        let (plain, tls): (Option<Arc<dyn AuthMechanismFactory>>, _) = match config.auth {
-            AuthMethod::Trust => (None, None),
-            AuthMethod::Password => {
-                let m: Arc<dyn AuthMechanismFactory> =
-                    Arc::new(CleartextPasswordAuth::new(store.clone()));
-                (Some(m.clone()), Some(m))
-            }
-            AuthMethod::Md5 => {
-                let m: Arc<dyn AuthMechanismFactory> = Arc::new(Md5PasswordAuth::new(store));
-                (Some(m.clone()), Some(m))
-            }
-            AuthMethod::ScramSha256 => {
-                let scram = ScramAuth::new(store.clone());
-                let mut scram_plus = ScramAuth::new(store);
-                if let Some(pem) = cert_pem {
-                    scram_plus.configure_certificate(pem)?;
-                }
-                let plain: Arc<dyn SaslMechanismFactory> = Arc::new(scram);
-                let plus: Arc<dyn SaslMechanismFactory> = Arc::new(scram_plus);
-                (
-                    Some(Arc::new(SaslMechanisms::new(vec![plain]))),
-                    Some(Arc::new(SaslMechanisms::new(vec![plus]))),
-                )
-            }
+        let scram = ScramAuth::new(store.clone());
+        let mut scram_plus = ScramAuth::new(store.clone());
+        if let Some(pem) = cert_pem {
+            scram_plus.configure_certificate(pem)?;
+        }
+        let plain: Arc<dyn SaslMechanismFactory> = Arc::new(scram);
+        let plus: Arc<dyn SaslMechanismFactory> = Arc::new(scram_plus);
+        let primary: Option<Arc<dyn AuthMechanismFactory>> = match config.auth {
+            AuthMethod::Trust | AuthMethod::ScramSha256 => None,
+            AuthMethod::Password => Some(Arc::new(CleartextPasswordAuth::new(store.clone()))),
+            AuthMethod::Md5 => Some(Arc::new(Md5PasswordAuth::new(store.clone()))),
         };
         Ok(Self {
             method: config.auth,
-            plain,
-            tls,
+            store,
+            primary,
+            scram_plain: Arc::new(SaslMechanisms::new(vec![plain])),
+            scram_tls: Arc::new(SaslMechanisms::new(vec![plus])),
         })
     }
 
-    /// The mechanism for a new connection; `None` means trust.
-    pub fn mechanism(&self, secure: bool) -> Option<Box<dyn AuthMechanism>> {
-        let factory = if secure { &self.tls } else { &self.plain };
-        factory.as_ref().map(|f| f.create())
+    /// The mechanism for a new connection of `user`; `None` means trust.
+    ///
+    /// As in PostgreSQL, `md5` falls back to SCRAM for a user whose secret is only a SCRAM
+    /// verifier (an md5 exchange needs the cleartext password).
+    pub fn mechanism(&self, secure: bool, user: &str) -> Option<Box<dyn AuthMechanism>> {
+        let scram = if secure {
+            &self.scram_tls
+        } else {
+            &self.scram_plain
+        };
+        match self.method {
+            AuthMethod::Trust => None,
+            AuthMethod::ScramSha256 => Some(scram.create()),
+            AuthMethod::Md5 => {
+                let verifier_only = self
+                    .store
+                    .users
+                    .get(user)
+                    .is_some_and(|c| c.password.is_none());
+                if verifier_only {
+                    Some(scram.create())
+                } else {
+                    self.primary.as_ref().map(|f| f.create())
+                }
+            }
+            AuthMethod::Password => self.primary.as_ref().map(|f| f.create()),
+        }
     }
 
     /// The configured method.

@@ -151,6 +151,12 @@ async fn send_error(framed: &mut ClientFramed, error: ErrorFields) {
 
 /// Startup message, limits, authentication and backend login.
 async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Established<'_>> {
+    if let Some(error) = check_startup_packet(&mut framed).await {
+        send_error(&mut framed, error).await;
+        return None;
+    }
+    // Framed only decodes bytes it read itself unless rebuilt around its buffer
+    let mut framed = Framed::from_parts(framed.into_parts());
     let message = match framed.next().await {
         Some(Ok(m)) => m,
         Some(Err(e)) => {
@@ -274,11 +280,49 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
     })
 }
 
+/// PostgreSQL's own checks of the raw startup packet that pgwire's decoder does not make:
+/// the protocol major version and the terminating NUL of the parameter list.
+async fn check_startup_packet(framed: &mut ClientFramed) -> Option<ErrorFields> {
+    loop {
+        let buf = framed.read_buffer();
+        if buf.len() >= 8 {
+            let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            let code = i32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+            if !(8..=10_000).contains(&len) || code == protocol::CANCEL_REQUEST_CODE {
+                return None; // pgwire rejects bad lengths and decodes cancels
+            }
+            let (major, minor) = (code >> 16, code & 0xffff);
+            if major != 3 {
+                return Some(ErrorFields::fatal(
+                    "0A000",
+                    format!(
+                        "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+                    ),
+                ));
+            }
+            if buf.len() >= len as usize {
+                if buf[len as usize - 1] != 0 {
+                    return Some(ErrorFields::fatal(
+                        "08P01",
+                        "invalid startup packet layout: expected terminator as last byte",
+                    ));
+                }
+                return None;
+            }
+        }
+        let mut chunk = [0u8; 1024];
+        match tokio::io::AsyncReadExt::read(framed.get_mut(), &mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => framed.read_buffer_mut().extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Runs the configured authentication exchange and sends AuthenticationOk.
 async fn authenticate(ctx: &ServerContext, framed: &mut ClientFramed, user: &str) -> bool {
     let driver: AuthDriver<DefaultServerParameterProvider> =
         AuthDriver::new(DefaultServerParameterProvider::default());
-    if let Some(mechanism) = ctx.auth.mechanism(framed.is_secure()) {
+    if let Some(mechanism) = ctx.auth.mechanism(framed.is_secure(), user) {
         let mut outcome = driver.begin_authentication(framed, mechanism).await;
         loop {
             match outcome {

@@ -258,15 +258,28 @@ impl Pgfan {
     }
 
     fn spawn(toml: Option<&str>, extra_args: &[&str]) -> Pgfan {
+        // free_port() only finds a port free *now*; another process may take it before
+        // pgfan binds it, so a bind failure is retried with fresh ports.
+        for attempt in 1.. {
+            match Self::spawn_once(toml, extra_args) {
+                Ok(p) => return p,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("pgfan {extra_args:?} exited before listening:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn spawn_once(toml: Option<&str>, extra_args: &[&str]) -> Result<Pgfan, String> {
         let cluster = cluster();
         if Self::direct_mode() {
-            return Pgfan {
+            return Ok(Pgfan {
                 child: None,
                 port: cluster.primary_port,
                 metrics_port: 0,
                 log_path: PathBuf::new(),
                 config_path: None,
-            };
+            });
         }
         let port = free_port();
         let mut metrics_port = free_port();
@@ -322,25 +335,41 @@ impl Pgfan {
             log_path,
             config_path,
         };
-        pgfan.wait_ready(&args);
-        pgfan
+        pgfan.wait_ready(&args)?;
+        Ok(pgfan)
     }
 
-    fn wait_ready(&mut self, args: &[String]) {
+    /// Ready when the port answers an SSLRequest with `N` or `S`: a plain TCP connect can
+    /// succeed against something else (a self-connect on an ephemeral port).
+    fn probe(addr: &SocketAddr) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).is_err() {
+            return false;
+        }
+        let mut answer = [0u8; 1];
+        matches!(s.read(&mut answer), Ok(1) if answer[0] == b'N' || answer[0] == b'S')
+    }
+
+    fn wait_ready(&mut self, args: &[String]) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let addr: SocketAddr = self.addr().parse().expect("listen addr");
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
+                    self.child = None;
+                    return Err(format!(
                         "pgfan {args:?} exited with {status} before listening; log {}:\n{}",
                         self.log_path.display(),
                         self.log_tail()
-                    );
+                    ));
                 }
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
+            if Self::probe(&addr) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 panic!(
