@@ -152,7 +152,35 @@ pub fn patch_len(out: &mut BytesMut, start: usize) {
     out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
 
-/// Splits a message body made of null-terminated strings (ParameterStatus).
+/// Appends a message with the given type and body.
+pub fn put_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_i32((body.len() + 4) as i32);
+    out.put_slice(body);
+}
+
+/// Appends a ParameterStatus message.
+pub fn put_parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    let start = out.len();
+    out.put_u8(b'S');
+    out.put_i32(0);
+    put_cstr(out, name);
+    put_cstr(out, value);
+    patch_len(out, start);
+}
+
+/// Name and value of a ParameterStatus body.
+pub fn parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = cstrings(body);
+    let name = parts.next()?;
+    let value = parts.next().unwrap_or_default();
+    Some((
+        String::from_utf8_lossy(name).into_owned(),
+        String::from_utf8_lossy(value).into_owned(),
+    ))
+}
+
+/// Splits a message body made of null-terminated strings (SASL mechanism lists).
 pub fn cstrings(body: &[u8]) -> impl Iterator<Item = &[u8]> {
     body.split(|b| *b == 0).filter(|s| !s.is_empty())
 }

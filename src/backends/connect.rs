@@ -50,6 +50,17 @@ pub enum ConnectError {
     Protocol(String),
 }
 
+impl BackendConnection {
+    /// The CancelRequest target of this connection.
+    pub fn cancel_target(&self) -> CancelTarget {
+        CancelTarget {
+            addr: self.addr,
+            pid: self.pid,
+            secret: self.secret.clone(),
+        }
+    }
+}
+
 impl ConnectError {
     /// The ErrorResponse a client should see for this failure.
     pub fn to_error_response(&self) -> BytesMut {
@@ -107,6 +118,24 @@ impl AsyncWrite for BackendStream {
             BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// Where a CancelRequest for one backend connection goes.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    /// Server address.
+    pub addr: SocketAddr,
+    /// Backend process id.
+    pub pid: i32,
+    /// The backend's own cancel secret.
+    pub secret: Vec<u8>,
+}
+
+impl CancelTarget {
+    /// Sends the CancelRequest (best effort: the server answers nothing).
+    pub async fn cancel(&self) -> io::Result<()> {
+        send_cancel(self.addr, self.pid, &self.secret).await
     }
 }
 
@@ -265,16 +294,10 @@ async fn connect_inner(
                 conn.stream.write_all(&reply).await.map_err(io_err)?;
             }
             b'S' => {
-                let mut parts = protocol::cstrings(&body);
-                let name = parts.next().unwrap_or_default();
-                let value = parts.next().unwrap_or_default();
-                conn.parameters.push((
-                    String::from_utf8_lossy(name).into_owned(),
-                    String::from_utf8_lossy(value).into_owned(),
-                ));
-                append_message(&mut conn.startup_messages, tag, &body);
+                conn.parameters.extend(protocol::parameter_status(&body));
+                protocol::put_message(&mut conn.startup_messages, tag, &body);
             }
-            b'N' => append_message(&mut conn.startup_messages, tag, &body),
+            b'N' => protocol::put_message(&mut conn.startup_messages, tag, &body),
             b'K' => {
                 if body.len() < 8 {
                     return Err(ConnectError::Protocol("short BackendKeyData".into()));
@@ -284,7 +307,7 @@ async fn connect_inner(
             }
             b'E' => {
                 let mut raw = BytesMut::new();
-                append_message(&mut raw, tag, &body);
+                protocol::put_message(&mut raw, tag, &body);
                 let (_, message) = protocol::error_code_and_message(&body);
                 return Err(ConnectError::Server {
                     raw,
@@ -305,13 +328,6 @@ async fn connect_inner(
             }
         }
     }
-}
-
-/// Appends a message with the given type and body.
-pub(crate) fn append_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
-    out.extend_from_slice(&[tag]);
-    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(body);
 }
 
 /// Reads whole messages during startup (small ones only).
@@ -432,7 +448,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
 }
 
 /// Sends a CancelRequest for backend `pid` to `addr` (best effort).
-pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: &[u8]) -> io::Result<()> {
+async fn send_cancel(addr: SocketAddr, pid: i32, secret: &[u8]) -> io::Result<()> {
     let mut tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timeout"))??;

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::connect::{append_message, BackendConnection, BackendStream, MessageReader};
+use super::connect::{BackendConnection, BackendStream, MessageReader};
 use crate::protocol;
 
 /// How long a reset may take before the connection is dropped instead.
@@ -46,10 +46,7 @@ impl IdleBackend {
     fn into_connection(self) -> BackendConnection {
         let mut startup_messages = BytesMut::new();
         for (name, value) in &self.parameters {
-            let mut body = BytesMut::new();
-            protocol::put_cstr(&mut body, name);
-            protocol::put_cstr(&mut body, value);
-            append_message(&mut startup_messages, b'S', &body);
+            protocol::put_parameter_status(&mut startup_messages, name, value);
         }
         BackendConnection {
             stream: self.stream,
@@ -146,10 +143,7 @@ impl SessionPool {
 /// Runs `DISCARD ALL` and records the ParameterStatus values it reports back.
 async fn discard_all(conn: &mut IdleBackend) -> std::io::Result<()> {
     let mut query = BytesMut::new();
-    let start = query.len();
-    query.extend_from_slice(&[b'Q', 0, 0, 0, 0]);
-    protocol::put_cstr(&mut query, "DISCARD ALL");
-    protocol::patch_len(&mut query, start);
+    postgres_protocol::message::frontend::query("DISCARD ALL", &mut query)?;
     conn.stream.write_all(&query).await?;
     conn.stream.flush().await?;
     let mut reader = MessageReader::default();
@@ -159,10 +153,7 @@ async fn discard_all(conn: &mut IdleBackend) -> std::io::Result<()> {
         match tag {
             b'C' => ok = body.as_ref() == b"DISCARD ALL\0",
             b'S' => {
-                let mut parts = protocol::cstrings(&body);
-                if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
-                    let name = String::from_utf8_lossy(name).into_owned();
-                    let value = String::from_utf8_lossy(value).into_owned();
+                if let Some((name, value)) = protocol::parameter_status(&body) {
                     match conn.parameters.iter_mut().find(|(n, _)| *n == name) {
                         Some(p) => p.1 = value,
                         None => conn.parameters.push((name, value)),

@@ -11,14 +11,13 @@
 pub mod frame;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use crate::backends::connect::send_cancel;
+use crate::backends::connect::CancelTarget;
 use crate::metrics::SessionMetrics;
 use crate::protocol::{self, ErrorFields};
 use frame::{MessageCursor, Visit};
@@ -39,19 +38,6 @@ pub enum RelayEnd {
     BackendClosed,
     /// The client broke the protocol; it got a FATAL 08P01.
     ClientProtocolError,
-}
-
-/// Identity of the pinned backend, for cancel-on-disconnect and logs.
-#[derive(Debug, Clone)]
-pub struct PinnedBackend {
-    /// Backend name from the configuration.
-    pub name: String,
-    /// Server address.
-    pub addr: SocketAddr,
-    /// Backend process id.
-    pub pid: i32,
-    /// Cancel secret of the backend.
-    pub secret: Vec<u8>,
 }
 
 /// Session state the relay keeps up to date from the server's messages.
@@ -166,7 +152,7 @@ pub async fn relay<C, B>(
     client_pending: BytesMut,
     backend: B,
     backend_pending: BytesMut,
-    pinned: &PinnedBackend,
+    backend_cancel: &CancelTarget,
     state: &mut SessionState,
     metrics: &SessionMetrics,
 ) -> (RelayEnd, Option<B>)
@@ -284,14 +270,15 @@ where
 
     if end == RelayEnd::ClientGone && tracker.busy() && !backend_eof {
         // the backend would run the abandoned statement to its end: cancel it
-        let (addr, pid, secret) = (pinned.addr, pinned.pid, pinned.secret.clone());
+        let target = backend_cancel.clone();
         debug!(
             session = session_id,
-            pid, "client left mid-statement; cancelling backend"
+            pid = target.pid,
+            "client left mid-statement; cancelling backend"
         );
         tokio::spawn(async move {
-            if let Err(e) = send_cancel(addr, pid, &secret).await {
-                warn!(pid, error = %e, "cancel of abandoned statement failed");
+            if let Err(e) = target.cancel().await {
+                warn!(pid = target.pid, error = %e, "cancel of abandoned statement failed");
             }
         });
     }
@@ -393,15 +380,10 @@ fn scan_backend(
         |header, body| {
             match (header.tag, body) {
                 (b'Z', Some(body)) => tracker.ready(body.first().copied().unwrap_or(b'I')),
-                (b'S', Some(body)) => {
-                    let mut parts = protocol::cstrings(body);
-                    if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
-                        tracker.state.parameters.insert(
-                            String::from_utf8_lossy(name).into_owned(),
-                            String::from_utf8_lossy(value).into_owned(),
-                        );
-                    }
-                }
+                (b'S', Some(body)) => tracker
+                    .state
+                    .parameters
+                    .extend(protocol::parameter_status(body)),
                 _ => {}
             }
             Visit::Forward

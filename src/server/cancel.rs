@@ -2,19 +2,9 @@
 //! secret pgfan generates; a CancelRequest with both is forwarded to that backend.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-/// Where a cancel for one session goes.
-#[derive(Debug, Clone)]
-pub struct CancelTarget {
-    /// Server address of the pinned backend.
-    pub addr: SocketAddr,
-    /// Backend process id.
-    pub pid: i32,
-    /// The backend's own secret.
-    pub secret: Vec<u8>,
-}
+pub use crate::backends::connect::CancelTarget;
 
 /// All live sessions' cancel keys.
 #[derive(Debug, Default)]

@@ -21,14 +21,13 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
-use super::cancel::CancelTarget;
 use super::ServerContext;
-use crate::backends::connect::{self, send_cancel};
+use crate::backends::connect;
 use crate::backends::session_pool::{IdleBackend, PoolKey};
 use crate::config::TlsMode;
 use crate::metrics::{self as m, SessionMetrics};
 use crate::protocol::{self, ErrorFields};
-use crate::relay::{self, PinnedBackend, SessionState};
+use crate::relay::{self, SessionState};
 
 /// Time a client has to finish TLS, startup and authentication (PostgreSQL's
 /// `authentication_timeout` default).
@@ -66,17 +65,8 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
     } = ready;
     let _slot = slot;
 
-    let pinned = PinnedBackend {
-        name: ctx.config.primary().name.clone(),
-        addr: backend.addr,
-        pid: backend.pid,
-        secret: backend.secret.clone(),
-    };
-    let (client_secret, _cancel_guard) = ctx.cancel.register(CancelTarget {
-        addr: backend.addr,
-        pid: backend.pid,
-        secret: backend.secret.clone(),
-    });
+    let backend_cancel = backend.cancel_target();
+    let (client_secret, _cancel_guard) = ctx.cancel.register(backend_cancel.clone());
 
     // The rest of the startup comes from the backend: its ParameterStatus values, its PID
     // with our secret, and its ReadyForQuery.
@@ -94,7 +84,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
         status: backend.status,
         parameters: backend.parameters.iter().cloned().collect(),
     };
-    let metrics = SessionMetrics::new(&pinned.name);
+    let metrics = SessionMetrics::new(&ctx.config.primary().name);
     debug!(backend_pid = backend.pid, "session started");
     let (end, reusable) = relay::relay(
         session_id,
@@ -102,7 +92,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
         parts.read_buf,
         backend.stream,
         std::mem::take(&mut backend.pending),
-        &pinned,
+        &backend_cancel,
         &mut state,
         &metrics,
     )
@@ -150,13 +140,14 @@ async fn send_error(framed: &mut ClientFramed, error: ErrorFields) {
 }
 
 /// Startup message, limits, authentication and backend login.
-async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Established<'_>> {
-    if let Some(error) = check_startup_packet(&mut framed).await {
-        send_error(&mut framed, error).await;
-        return None;
-    }
-    // Framed only decodes bytes it read itself unless rebuilt around its buffer
-    let mut framed = Framed::from_parts(framed.into_parts());
+async fn startup(ctx: &ServerContext, framed: ClientFramed) -> Option<Established<'_>> {
+    let mut framed = match check_startup_packet(framed).await {
+        Ok(f) => f,
+        Err((mut framed, error)) => {
+            send_error(&mut framed, error).await;
+            return None;
+        }
+    };
     let message = match framed.next().await {
         Some(Ok(m)) => m,
         Some(Err(e)) => {
@@ -180,7 +171,7 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
             match ctx.cancel.lookup(c.pid, &secret) {
                 Some(t) => {
                     debug!(pid = c.pid, "forwarding cancel request");
-                    if let Err(e) = send_cancel(t.addr, t.pid, &t.secret).await {
+                    if let Err(e) = t.cancel().await {
                         warn!(error = %e, "cancel forward failed");
                     }
                 }
@@ -281,8 +272,21 @@ async fn startup(ctx: &ServerContext, mut framed: ClientFramed) -> Option<Establ
 }
 
 /// PostgreSQL's own checks of the raw startup packet that pgwire's decoder does not make:
-/// the protocol major version and the terminating NUL of the parameter list.
-async fn check_startup_packet(framed: &mut ClientFramed) -> Option<ErrorFields> {
+/// the protocol major version and the terminating NUL of the parameter list. Returns the
+/// Framed rebuilt around the bytes read here (a Framed decodes bytes added to its buffer
+/// from outside only after `from_parts`).
+async fn check_startup_packet(
+    mut framed: ClientFramed,
+) -> Result<ClientFramed, (ClientFramed, ErrorFields)> {
+    let verdict = startup_packet_error(&mut framed).await;
+    let framed = Framed::from_parts(framed.into_parts());
+    match verdict {
+        None => Ok(framed),
+        Some(e) => Err((framed, e)),
+    }
+}
+
+async fn startup_packet_error(framed: &mut ClientFramed) -> Option<ErrorFields> {
     loop {
         let buf = framed.read_buffer();
         if buf.len() >= 8 {
