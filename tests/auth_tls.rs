@@ -14,25 +14,11 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::wire::{AuthMethod, ConnectError, ConnectOptions, WireClient};
-use common::{cluster, connect_primary, Pgfan};
+use common::{connect_primary, output_within, pg_tool, show, Pgfan};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-fn path_with_pg_bin() -> String {
-    let old = std::env::var("PATH").unwrap_or_default();
-    format!("{}:{old}", cluster().pg_bin.display())
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A per-test scratch directory (removed on drop).
 struct TempDir(PathBuf);
@@ -59,45 +45,23 @@ impl Drop for TempDir {
 /// Runs psql with connection string `conninfo` (host/port added) and `args`; `password`
 /// goes into PGPASSWORD.
 async fn psql(port: u16, conninfo: &str, password: Option<&str>, args: &[&str]) -> Output {
-    let bin = cluster().pg_bin.join("psql");
     let conn = format!("host=127.0.0.1 port={port} connect_timeout=10 {conninfo}");
-    let mut cmd = tokio::process::Command::new(&bin);
+    let mut cmd = pg_tool("psql");
     cmd.arg("-X")
         .arg("-w") // never prompt for a password
         .arg(&conn)
         .args(args)
-        .env("PATH", path_with_pg_bin())
-        .env("PAGER", "")
-        .env("PSQL_PAGER", "")
         // No root CA: sslmode=require must not turn into certificate verification.
-        .env("PGSSLROOTCERT", "/nonexistent/pgfan-test-root.crt")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for var in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSWORD",
-        "PGPASSFILE",
-        "PGSSLMODE",
-        "PGCHANNELBINDING",
-        "PGOPTIONS",
-        "PGSERVICE",
-        "PSQLRC",
-    ] {
-        cmd.env_remove(var);
-    }
-    // A missing passfile keeps ~/.pgpass out of it.
-    cmd.env("PGPASSFILE", "/nonexistent/pgfan-test-pgpass");
+        .env("PGSSLROOTCERT", "/nonexistent/pgfan-test-root.crt");
     if let Some(p) = password {
         cmd.env("PGPASSWORD", p);
     }
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("psql {conn:?} {args:?} did not finish in 60 s"))
-        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+    output_within(
+        cmd,
+        Duration::from_secs(60),
+        &format!("psql {conn:?} {args:?}"),
+    )
+    .await
 }
 
 /// psql must connect, and print exactly `want` for `-Atc sql`.

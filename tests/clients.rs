@@ -710,19 +710,7 @@ async fn startup_parameters_forwarded() {
     );
 
     // The startup ParameterStatus set mirrors the primary's.
-    let sorted = |c: &WireClient| {
-        let mut v: Vec<(String, String)> = c
-            .startup
-            .messages
-            .iter()
-            .filter_map(|m| match m {
-                Msg::ParameterStatus { name, value } => Some((name.clone(), value.clone())),
-                _ => None,
-            })
-            .collect();
-        v.sort();
-        v
-    };
+    let sorted = WireClient::startup_parameters_sorted;
     assert_eq!(
         sorted(&w),
         sorted(&d),

@@ -722,20 +722,6 @@ fn check_expectation(stmt: &Stmt, t: &Transcript) -> Option<String> {
     (!problems.is_empty()).then(|| problems.join("; "))
 }
 
-fn sorted_startup_params(c: &WireClient) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = c
-        .startup
-        .messages
-        .iter()
-        .filter_map(|m| match m {
-            Msg::ParameterStatus { name, value } => Some((name.clone(), value.clone())),
-            _ => None,
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// What one run of a corpus in one mode found.
 #[derive(Default)]
 struct Outcome {
@@ -761,8 +747,8 @@ async fn compare_corpus(
 ) -> Outcome {
     let mut out = Outcome::default();
     let (sd, sp) = (
-        sorted_startup_params(direct),
-        sorted_startup_params(proxied),
+        direct.startup_parameters_sorted(),
+        proxied.startup_parameters_sorted(),
     );
     if sd != sp {
         out.index.push("startup ParameterStatus".into());

@@ -12,47 +12,17 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{cluster, connect_primary, create_database, drop_database, Pgfan};
-
-fn path_with_pg_bin() -> String {
-    let old = std::env::var("PATH").unwrap_or_default();
-    format!("{}:{old}", cluster().pg_bin.display())
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{
+    connect_primary, create_database, drop_database, output_within, pg_tool, query_i64, show, Pgfan,
+};
 
 /// Runs pgbench against pgfan on `port`, database `db`, bounded by `limit`.
 async fn pgbench(port: u16, db: &str, args: &[&str], limit: Duration) -> Output {
-    let bin = cluster().pg_bin.join("pgbench");
-    let mut cmd = tokio::process::Command::new(&bin);
+    let mut cmd = pg_tool("pgbench");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .args(args)
-        .arg(db)
-        .env("PATH", path_with_pg_bin())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for var in [
-        "PGHOST",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSWORD",
-        "PGSSLMODE",
-        "PGOPTIONS",
-    ] {
-        cmd.env_remove(var);
-    }
-    tokio::time::timeout(limit, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("pgbench {args:?} did not finish within {limit:?}"))
-        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+        .arg(db);
+    output_within(cmd, limit, &format!("pgbench {args:?}")).await
 }
 
 /// The integer after `label` on the line that starts with it.
@@ -85,23 +55,11 @@ async fn run_mode(mode: &str) {
     );
     // The initialisation really landed in the database.
     let direct = connect_primary(&db).await;
-    let accounts: i64 = direct
-        .query_one("select count(*) from pgbench_accounts", &[])
-        .await
-        .expect("count pgbench_accounts")
-        .get(0);
+    let accounts = query_i64(&direct, "select count(*) from pgbench_accounts").await;
     assert_eq!(accounts, 500_000, "pgbench_accounts rows after -i -s 5");
-    let branches: i64 = direct
-        .query_one("select count(*) from pgbench_branches", &[])
-        .await
-        .expect("count pgbench_branches")
-        .get(0);
+    let branches = query_i64(&direct, "select count(*) from pgbench_branches").await;
     assert_eq!(branches, 5, "pgbench_branches rows after -i -s 5");
-    let history_before: i64 = direct
-        .query_one("select count(*) from pgbench_history", &[])
-        .await
-        .expect("count pgbench_history")
-        .get(0);
+    let history_before = query_i64(&direct, "select count(*) from pgbench_history").await;
     assert_eq!(history_before, 0);
 
     let run = pgbench(
@@ -135,11 +93,7 @@ async fn run_mode(mode: &str) {
     // Every processed transaction inserted one history row through pgfan. A transaction
     // in flight when the 10 s ran out may have committed without being counted: at most
     // one per client.
-    let history = direct
-        .query_one("select count(*) from pgbench_history", &[])
-        .await
-        .expect("count pgbench_history")
-        .get::<_, i64>(0) as u64;
+    let history = query_i64(&direct, "select count(*) from pgbench_history").await as u64;
     assert!(
         (processed..=processed + 8).contains(&history),
         "pgbench_history has {history} rows but pgbench processed {processed} transactions \

@@ -17,14 +17,16 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::{cluster, connect_primary, create_database, drop_database, test_logs_dir, Pgfan};
+use common::{
+    cluster, connect_primary, create_database, drop_database, output_within, pg_tool, query_i64,
+    show, test_logs_dir, Pgfan,
+};
 
 const PSQL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs psql (`-X`, no pager) against 127.0.0.1:`port` as postgres, database `db`.
 async fn psql(port: u16, db: &str, args: &[&str]) -> Output {
-    let bin = cluster().pg_bin.join("psql");
-    let mut cmd = tokio::process::Command::new(&bin);
+    let mut cmd = pg_tool("psql");
     cmd.arg("-X")
         .args([
             "-h",
@@ -37,48 +39,9 @@ async fn psql(port: u16, db: &str, args: &[&str]) -> Output {
             db,
         ])
         .args(args)
-        .env("PATH", path_with_pg_bin())
-        .env("PAGER", "")
-        .env("PSQL_PAGER", "")
         .env("LC_ALL", "C.UTF-8")
-        .env("COLUMNS", "200")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for var in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSWORD",
-        "PGPASSFILE",
-        "PGSSLMODE",
-        "PGOPTIONS",
-        "PGAPPNAME",
-        "PGSERVICE",
-        "PGCHANNELBINDING",
-        "PSQLRC",
-    ] {
-        cmd.env_remove(var);
-    }
-    tokio::time::timeout(PSQL_TIMEOUT, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("psql {args:?} on port {port} did not finish in 60 s"))
-        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
-}
-
-fn path_with_pg_bin() -> String {
-    let old = std::env::var("PATH").unwrap_or_default();
-    format!("{}:{old}", cluster().pg_bin.display())
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+        .env("COLUMNS", "200");
+    output_within(cmd, PSQL_TIMEOUT, &format!("psql {args:?} on port {port}")).await
 }
 
 /// Asserts two psql runs are byte-identical (stdout, stderr, exit code); on a mismatch,
@@ -255,17 +218,9 @@ async fn meta_commands_identical_through_pgfan() {
 
     // The rows copied in through pgfan really are in the proxied database.
     let c = connect_primary(db_proxy).await;
-    let n: i64 = c
-        .query_one("select count(*) from t where name like 'copied %'", &[])
-        .await
-        .expect("count copied rows")
-        .get(0);
+    let n = query_i64(&c, "select count(*) from t where name like 'copied %'").await;
     assert_eq!(n, 50, "rows of \\copy from through pgfan");
-    let n: i64 = c
-        .query_one("select count(*) from t where score = 1", &[])
-        .await
-        .expect("count trigger rows")
-        .get(0);
+    let n = query_i64(&c, "select count(*) from t where score = 1").await;
     assert_eq!(n, 5, "trigger-filled scores of \\copy from through pgfan");
     drop(c);
 

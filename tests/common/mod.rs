@@ -432,3 +432,68 @@ impl Drop for Pgfan {
         self.kill();
     }
 }
+
+/// A command for one of the cluster's PostgreSQL client programs (psql, pgbench): the
+/// cluster's binaries first on PATH, no pager, no standard input, and none of the libpq
+/// environment variables of the developer's shell (so only the arguments decide where it
+/// connects and how).
+pub fn pg_tool(program: &str) -> tokio::process::Command {
+    let cluster = cluster();
+    let old_path = std::env::var("PATH").unwrap_or_default();
+    let mut cmd = tokio::process::Command::new(cluster.pg_bin.join(program));
+    cmd.env("PATH", format!("{}:{old_path}", cluster.pg_bin.display()))
+        .env("PAGER", "")
+        .env("PSQL_PAGER", "")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for var in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+        "PGSSLMODE",
+        "PGCHANNELBINDING",
+        "PGOPTIONS",
+        "PGAPPNAME",
+        "PGSERVICE",
+        "PSQLRC",
+    ] {
+        cmd.env_remove(var);
+    }
+    // a missing passfile keeps ~/.pgpass out of it
+    cmd.env("PGPASSFILE", "/nonexistent/pgfan-test-pgpass");
+    cmd
+}
+
+/// Runs `cmd` to completion, failing the test if it takes longer than `limit`.
+pub async fn output_within(
+    mut cmd: tokio::process::Command,
+    limit: Duration,
+    what: &str,
+) -> std::process::Output {
+    tokio::time::timeout(limit, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+        .unwrap_or_else(|e| panic!("run {what}: {e}"))
+}
+
+/// Exit code, stdout and stderr of a finished program, for assertion messages.
+pub fn show(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `select count(*) …` (or any single bigint) on a tokio-postgres client.
+pub async fn query_i64(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}

@@ -786,6 +786,21 @@ pub struct WireClient {
 }
 
 impl WireClient {
+    /// The startup ParameterStatus values, sorted (the order is not part of the contract).
+    pub fn startup_parameters_sorted(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .startup
+            .messages
+            .iter()
+            .filter_map(|m| match m {
+                Msg::ParameterStatus { name, value } => Some((name.clone(), value.clone())),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Connects to `addr` ("127.0.0.1:5432") with trust authentication.
     pub async fn connect(addr: &str, user: &str, database: &str) -> io::Result<WireClient> {
         Self::connect_with(addr, &ConnectOptions::new(user, database))
