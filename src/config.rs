@@ -229,6 +229,41 @@ pub struct Config {
     pub reuse_backend_connections: bool,
     /// Idle reset connections are closed after this long.
     pub backend_idle_timeout: std::time::Duration,
+    /// Fan-out settings.
+    pub fanout: FanoutConfig,
+}
+
+/// How analytical SELECTs are split (the `[fanout]` section).
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// False: every statement passes through.
+    pub enabled: bool,
+    /// Tables (or bounded index ranges) with fewer heap pages pass through, and no fragment
+    /// gets fewer pages than this.
+    pub min_fragment_pages: u64,
+    /// Upper bound on fragments per query.
+    pub max_fragments: usize,
+    /// Replicas whose replay position is more than this many WAL bytes behind the
+    /// primary's current position are left out of a query.
+    pub max_replica_lag_bytes: u64,
+    /// How long catalog facts (sizes, columns, indexes, histograms) are cached.
+    pub catalog_ttl: std::time::Duration,
+    /// Configured split columns, by table name as written in queries (`events` or
+    /// `public.events`).
+    pub split_columns: Vec<(String, String)>,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig {
+            enabled: true,
+            min_fragment_pages: 1024,
+            max_fragments: 8,
+            max_replica_lag_bytes: 0,
+            catalog_ttl: std::time::Duration::from_secs(60),
+            split_columns: Vec::new(),
+        }
+    }
 }
 
 impl Config {
@@ -262,6 +297,26 @@ struct RawConfig {
     tls: Option<RawTls>,
     reuse_backend_connections: Option<bool>,
     backend_idle_timeout_secs: Option<Spanned<i64>>,
+    fanout: Option<RawFanout>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFanout {
+    enabled: Option<bool>,
+    min_fragment_pages: Option<Spanned<i64>>,
+    max_fragments: Option<Spanned<i64>>,
+    max_replica_lag_bytes: Option<Spanned<i64>>,
+    catalog_ttl_secs: Option<Spanned<i64>>,
+    #[serde(default)]
+    tables: Vec<RawSplitTable>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplitTable {
+    name: String,
+    split_column: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,6 +359,10 @@ pub struct Overrides {
     pub auth: Option<AuthMethod>,
     /// `--force-trust`
     pub force_trust: bool,
+    /// `--max-fragments`
+    pub max_fragments: Option<usize>,
+    /// `--min-fragment-pages`
+    pub min_fragment_pages: Option<u64>,
 }
 
 struct Source<'a> {
@@ -542,7 +601,45 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
         None => std::time::Duration::from_secs(60),
     };
 
+    let mut fanout = FanoutConfig::default();
+    if let Some(f) = &raw.fanout {
+        let non_negative = |v: &Option<Spanned<i64>>, key: &str, min: i64| match v {
+            Some(v) if *v.get_ref() < min => Err(src.invalid(
+                Some(v.span()),
+                &format!("fanout.{key}"),
+                format!("must be at least {min}"),
+            )),
+            Some(v) => Ok(Some(*v.get_ref() as u64)),
+            None => Ok(None),
+        };
+        fanout.enabled = f.enabled.unwrap_or(true);
+        if let Some(v) = non_negative(&f.min_fragment_pages, "min_fragment_pages", 1)? {
+            fanout.min_fragment_pages = v;
+        }
+        if let Some(v) = non_negative(&f.max_fragments, "max_fragments", 1)? {
+            fanout.max_fragments = v as usize;
+        }
+        if let Some(v) = non_negative(&f.max_replica_lag_bytes, "max_replica_lag_bytes", 0)? {
+            fanout.max_replica_lag_bytes = v;
+        }
+        if let Some(v) = non_negative(&f.catalog_ttl_secs, "catalog_ttl_secs", 0)? {
+            fanout.catalog_ttl = std::time::Duration::from_secs(v);
+        }
+        fanout.split_columns = f
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), t.split_column.clone()))
+            .collect();
+    }
+    if let Some(n) = overrides.max_fragments {
+        fanout.max_fragments = n.max(1);
+    }
+    if let Some(n) = overrides.min_fragment_pages {
+        fanout.min_fragment_pages = n.max(1);
+    }
+
     Ok(Config {
+        fanout,
         reuse_backend_connections: raw.reuse_backend_connections.unwrap_or(true),
         backend_idle_timeout,
         listen,

@@ -6,7 +6,10 @@
 
 pub mod backends;
 pub mod config;
+pub mod dispatch;
+pub mod merge;
 pub mod metrics;
+pub mod plan;
 pub mod protocol;
 pub mod relay;
 pub mod server;

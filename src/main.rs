@@ -42,6 +42,12 @@ struct Flags {
     /// Allow trust authentication on a non-loopback listen address.
     #[arg(long)]
     force_trust: bool,
+    /// Upper bound on fragments per fanned-out query (overrides fanout.max_fragments).
+    #[arg(long)]
+    max_fragments: Option<usize>,
+    /// Tables with fewer heap pages pass through (overrides fanout.min_fragment_pages).
+    #[arg(long)]
+    min_fragment_pages: Option<u64>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     log: String,
@@ -62,6 +68,8 @@ fn main() -> ExitCode {
         metrics_listen: cli.flags.metrics_listen.clone(),
         auth: cli.flags.auth,
         force_trust: cli.flags.force_trust,
+        max_fragments: cli.flags.max_fragments,
+        min_fragment_pages: cli.flags.min_fragment_pages,
     };
     let config = match config::load(cli.flags.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -25,6 +25,10 @@ pub const BACKEND_CONNECTIONS: &str = "pgfan_backend_connections";
 
 /// Route label of statements relayed to the primary unchanged.
 pub const ROUTE_PASSTHROUGH: &str = "passthrough";
+/// Route label of statements split into fragments.
+pub const ROUTE_FANOUT: &str = "fanout";
+/// Candidate SELECTs that passed through, by reason.
+pub const PASSTHROUGH_REASONS: &str = "pgfan_passthrough_total";
 
 /// Installs the global recorder; serves `/metrics` on `listen` when given.
 pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
@@ -47,6 +51,10 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
         "Client connections refused (limit, TLS, authentication)"
     );
     metrics::describe_counter!(QUERIES_TOTAL, "Statements by route");
+    metrics::describe_counter!(
+        PASSTHROUGH_REASONS,
+        "SELECTs pgfan considered and passed through, by reason"
+    );
     metrics::describe_histogram!(
         QUERY_DURATION,
         metrics::Unit::Seconds,

@@ -206,6 +206,257 @@ pub fn error_code_and_message(body: &[u8]) -> (Option<String>, Option<String>) {
     (code, message)
 }
 
+/// Appends a simple Query message.
+pub fn put_query(out: &mut BytesMut, sql: &str) {
+    let start = out.len();
+    out.put_u8(b'Q');
+    out.put_i32(0);
+    put_cstr(out, sql);
+    patch_len(out, start);
+}
+
+/// Appends a Parse message.
+pub fn put_parse(out: &mut BytesMut, statement: &str, sql: &str, param_types: &[u32]) {
+    let start = out.len();
+    out.put_u8(b'P');
+    out.put_i32(0);
+    put_cstr(out, statement);
+    put_cstr(out, sql);
+    out.put_i16(param_types.len() as i16);
+    for t in param_types {
+        out.put_u32(*t);
+    }
+    patch_len(out, start);
+}
+
+/// Parameters of a Bind message, kept raw so they reach fragments exactly as sent.
+#[derive(Debug, Clone, Default)]
+pub struct BindParams {
+    /// Parameter format codes as sent (0, 1 or one per parameter).
+    pub formats: Vec<i16>,
+    /// Parameter values (`None` is SQL NULL).
+    pub values: Vec<Option<bytes::Bytes>>,
+    /// Result-column format codes as sent (0, 1 or one per column).
+    pub result_formats: Vec<i16>,
+}
+
+impl BindParams {
+    /// The format code of result column `i` (PostgreSQL's rules: none = text, one = all).
+    pub fn result_format(&self, i: usize) -> i16 {
+        match self.result_formats.len() {
+            0 => 0,
+            1 => self.result_formats[0],
+            _ => self.result_formats.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    /// Parses a Bind body into portal name, statement name and parameters.
+    pub fn parse(body: &[u8]) -> Option<(String, String, BindParams)> {
+        let mut r = Reader(body);
+        let portal = r.cstr()?;
+        let statement = r.cstr()?;
+        let nf = r.i16()?;
+        let formats = (0..nf).map(|_| r.i16()).collect::<Option<Vec<_>>>()?;
+        let nv = r.i16()?;
+        let mut values = Vec::with_capacity(nv.max(0) as usize);
+        for _ in 0..nv {
+            let len = r.i32()?;
+            values.push(if len < 0 {
+                None
+            } else {
+                Some(bytes::Bytes::copy_from_slice(r.take(len as usize)?))
+            });
+        }
+        let nr = r.i16()?;
+        let result_formats = (0..nr).map(|_| r.i16()).collect::<Option<Vec<_>>>()?;
+        Some((
+            portal,
+            statement,
+            BindParams {
+                formats,
+                values,
+                result_formats,
+            },
+        ))
+    }
+}
+
+/// Appends a Bind message; `extra` values (binary) follow the client's parameters.
+pub fn put_bind(
+    out: &mut BytesMut,
+    portal: &str,
+    statement: &str,
+    params: &BindParams,
+    extra: &[Option<bytes::Bytes>],
+    result_formats: &[i16],
+) {
+    let start = out.len();
+    out.put_u8(b'B');
+    out.put_i32(0);
+    put_cstr(out, portal);
+    put_cstr(out, statement);
+    let n = params.values.len();
+    if extra.is_empty() {
+        out.put_i16(params.formats.len() as i16);
+        for f in &params.formats {
+            out.put_i16(*f);
+        }
+    } else {
+        // one code per parameter: the client's, then binary for the extra ones
+        out.put_i16((n + extra.len()) as i16);
+        for i in 0..n {
+            let f = match params.formats.len() {
+                0 => 0,
+                1 => params.formats[0],
+                _ => params.formats.get(i).copied().unwrap_or(0),
+            };
+            out.put_i16(f);
+        }
+        for _ in extra {
+            out.put_i16(1);
+        }
+    }
+    out.put_i16((n + extra.len()) as i16);
+    for v in params.values.iter().chain(extra) {
+        match v {
+            None => out.put_i32(-1),
+            Some(b) => {
+                out.put_i32(b.len() as i32);
+                out.put_slice(b);
+            }
+        }
+    }
+    out.put_i16(result_formats.len() as i16);
+    for f in result_formats {
+        out.put_i16(*f);
+    }
+    patch_len(out, start);
+}
+
+/// Appends Describe (`kind` `S` or `P`) or Close of a statement/portal.
+pub fn put_describe_or_close(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    let start = out.len();
+    out.put_u8(tag);
+    out.put_i32(0);
+    out.put_u8(kind);
+    put_cstr(out, name);
+    patch_len(out, start);
+}
+
+/// Appends an Execute of `portal` with no row limit.
+pub fn put_execute(out: &mut BytesMut, portal: &str) {
+    let start = out.len();
+    out.put_u8(b'E');
+    out.put_i32(0);
+    put_cstr(out, portal);
+    out.put_i32(0);
+    patch_len(out, start);
+}
+
+/// Appends a bodyless message (Sync `S`, Flush `H`, Terminate `X`).
+pub fn put_empty(out: &mut BytesMut, tag: u8) {
+    out.put_u8(tag);
+    out.put_i32(4);
+}
+
+/// Appends a CommandComplete message.
+pub fn put_command_complete(out: &mut BytesMut, tag: &str) {
+    let start = out.len();
+    out.put_u8(b'C');
+    out.put_i32(0);
+    put_cstr(out, tag);
+    patch_len(out, start);
+}
+
+/// A cursor over a message body.
+pub struct Reader<'a>(pub &'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// Next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+
+    /// A big-endian i16.
+    pub fn i16(&mut self) -> Option<i16> {
+        self.take(2).map(|b| i16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// A big-endian i32.
+    pub fn i32(&mut self) -> Option<i32> {
+        self.take(4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A big-endian u32.
+    pub fn u32(&mut self) -> Option<u32> {
+        self.i32().map(|v| v as u32)
+    }
+
+    /// A null-terminated string (lossy UTF-8).
+    pub fn cstr(&mut self) -> Option<String> {
+        let end = self.0.iter().position(|b| *b == 0)?;
+        let s = String::from_utf8_lossy(&self.0[..end]).into_owned();
+        self.0 = &self.0[end + 1..];
+        Some(s)
+    }
+}
+
+/// Reads one whole message (type byte and body) from `rd`, buffering in `buf`.
+pub async fn read_message<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<(u8, BytesMut)> {
+    use bytes::Buf;
+    use tokio::io::AsyncReadExt;
+    loop {
+        match read_header(buf) {
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Ok(Some(h)) if buf.len() >= h.total() => {
+                let mut msg = buf.split_to(h.total());
+                msg.advance(5);
+                return Ok((h.tag, msg));
+            }
+            _ => {}
+        }
+        buf.reserve(32 << 10);
+        if rd.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "backend closed the connection",
+            ));
+        }
+    }
+}
+
+/// Rebuilds an ErrorResponse/NoticeResponse body without its `P` (position) field, which
+/// would point into SQL the client never sent.
+pub fn strip_error_position(body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.put_u8(b'E');
+    out.put_i32(0);
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        if field != b'P' {
+            out.put_u8(field);
+            out.put_slice(&tail[..end]);
+            out.put_u8(0);
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    out.put_u8(0);
+    patch_len(&mut out, 0);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

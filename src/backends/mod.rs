@@ -3,4 +3,5 @@
 //! arrive with the fan-out engine.)
 
 pub mod connect;
+pub mod pool;
 pub mod session_pool;

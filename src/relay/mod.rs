@@ -8,9 +8,11 @@
 //! (Query, Sync and Terminate from the client; ReadyForQuery and ParameterStatus from the
 //! server).
 
+pub mod fanout;
 pub mod frame;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -18,9 +20,55 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::backends::connect::CancelTarget;
+use crate::backends::pool::LoginKey;
 use crate::metrics::SessionMetrics;
-use crate::protocol::{self, ErrorFields};
+use crate::plan::{self, Candidate, Route};
+use crate::protocol::{self, BindParams, ErrorFields};
+use fanout::{FanoutEnv, Outcome, Pinned, Request};
 use frame::{MessageCursor, Visit};
+
+/// Fan-out for one session: the shared environment and who the session is.
+pub struct FanoutSession<'a> {
+    /// Pools, catalog, configuration.
+    pub env: &'a FanoutEnv,
+    /// The session's (user, database).
+    pub login: LoginKey,
+}
+
+/// A parsed statement that may fan out when executed.
+struct Prepared {
+    candidate: Arc<Candidate>,
+    sql: String,
+    param_types: Vec<u32>,
+}
+
+/// A client message held back until the backend has answered everything before it.
+enum Held {
+    Query {
+        candidate: Arc<Candidate>,
+        sql: String,
+        len: usize,
+    },
+    Execute {
+        prepared: Arc<Prepared>,
+        params: BindParams,
+        len: usize,
+    },
+}
+
+/// Statements and portals that may fan out, and the message being held.
+#[derive(Default)]
+struct Intercept {
+    statements: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, (Arc<Prepared>, BindParams)>,
+    held: Option<Held>,
+    /// Forward the next message without intercepting it (it fell back to pass-through).
+    bypass: bool,
+    flush_sent: bool,
+    /// A savepoint was opened in this transaction: a subtransaction cannot export a
+    /// snapshot, so nothing fans out until the transaction ends.
+    savepoint: bool,
+}
 
 /// Bytes buffered toward one side before the relay stops reading from the other side.
 const QUEUE_LIMIT: usize = 256 << 10;
@@ -103,6 +151,10 @@ struct Tracker<'a> {
     /// Extended-protocol messages sent since the last Sync: the backend may hold an open
     /// implicit transaction, so the connection must not be reset and reused.
     unsynced: bool,
+    /// Client requests whose replies have not ended yet (P, B, D, C, E, S, Q, F).
+    expect: VecDeque<u8>,
+    /// The backend is skipping messages up to the next Sync after an error.
+    batch_failed: bool,
     metrics: &'a SessionMetrics,
     state: &'a mut SessionState,
 }
@@ -130,6 +182,38 @@ impl Tracker<'_> {
     fn busy(&self) -> bool {
         !self.inflight.is_empty()
     }
+
+    /// Books a backend reply against the requests in flight.
+    fn reply(&mut self, tag: u8) {
+        let front = self.expect.front().copied();
+        match (tag, front) {
+            (b'1', Some(b'P')) | (b'2', Some(b'B')) | (b'3', Some(b'C')) | (b'n', Some(b'D')) => {
+                self.expect.pop_front();
+            }
+            (b'T', Some(b'D')) => {
+                self.expect.pop_front();
+            }
+            (b'C' | b'I' | b's', Some(b'E')) => {
+                self.expect.pop_front();
+            }
+            (b'E', Some(b'P' | b'B' | b'D' | b'C' | b'E')) => {
+                // the backend skips the rest of the batch
+                while matches!(self.expect.front(), Some(b'P' | b'B' | b'D' | b'C' | b'E')) {
+                    self.expect.pop_front();
+                }
+                self.batch_failed = true;
+            }
+            (b'Z', _) => {
+                while let Some(t) = self.expect.pop_front() {
+                    if matches!(t, b'S' | b'Q' | b'F') {
+                        break;
+                    }
+                }
+                self.batch_failed = false;
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Drop for Tracker<'_> {
@@ -155,6 +239,7 @@ pub async fn relay<C, B>(
     backend_cancel: &CancelTarget,
     state: &mut SessionState,
     metrics: &SessionMetrics,
+    fanout: Option<FanoutSession<'_>>,
 ) -> (RelayEnd, Option<B>)
 where
     C: AsyncRead + AsyncWrite,
@@ -172,15 +257,18 @@ where
     let mut tracker = Tracker {
         inflight: VecDeque::new(),
         unsynced: false,
+        expect: VecDeque::new(),
+        batch_failed: false,
         metrics,
         state,
     };
+    let mut intercept = Intercept::default();
     let mut phase = Phase::Running;
     let mut backend_eof = false;
 
     macro_rules! take_client_input {
         () => {
-            match scan_client(&mut client_cursor, &client_in, &mut tracker) {
+            match scan_client(&mut client_cursor, &client_in, &mut tracker, &mut intercept, fanout.as_ref()) {
                 Ok((n, terminated)) => {
                     to_backend.push(client_in.split_to(n).freeze());
                     if terminated {
@@ -200,7 +288,7 @@ where
     }
     macro_rules! take_backend_input {
         () => {
-            match scan_backend(&mut backend_cursor, &backend_in, &mut tracker) {
+            match scan_backend(&mut backend_cursor, &backend_in, &mut tracker, &mut intercept) {
                 Ok(n) => to_client.push(backend_in.split_to(n).freeze()),
                 Err((n, e)) => {
                     warn!(session = session_id, error = %e, "backend protocol violation");
@@ -221,13 +309,73 @@ where
             Phase::DrainToClient(end) if to_client.is_empty() => break end,
             _ => {}
         }
+        if let (Some(fs), true) = (fanout.as_ref(), intercept.held.is_some()) {
+            let ready = phase == Phase::Running
+                && to_backend.is_empty()
+                && !to_backend.unflushed
+                && tracker.expect.is_empty()
+                && to_client.is_empty()
+                && !to_client.unflushed
+                && backend_cursor.at_boundary();
+            if ready {
+                let held = intercept.held.take();
+                intercept.flush_sent = false;
+                let (candidate, sql, request, len) = match held {
+                    Some(Held::Query { candidate, sql, len }) => (candidate, sql, Request::Simple, len),
+                    Some(Held::Execute { prepared, params, len }) => (
+                        prepared.candidate.clone(),
+                        prepared.sql.clone(),
+                        Request::Extended { param_types: prepared.param_types.clone(), params },
+                        len,
+                    ),
+                    None => continue,
+                };
+                let mut pinned = Pinned { rd: &mut backend_rd, wr: &mut backend_wr, buf: &mut backend_in };
+                let outcome = fanout::execute(
+                    fs.env, session_id, &fs.login, tracker.state.status, &candidate, &sql, request,
+                    &mut pinned, &mut client_wr,
+                ).await;
+                match outcome {
+                    Outcome::PassThrough => intercept.bypass = true,
+                    Outcome::Done(z) => {
+                        if let Some(z) = z {
+                            tracker.state.status = z;
+                            if z == b'I' {
+                                intercept.savepoint = false;
+                                intercept.portals.clear();
+                            }
+                        }
+                        let _ = client_in.split_to(len.min(client_in.len()));
+                    }
+                    Outcome::ClientGone => break RelayEnd::ClientGone,
+                    Outcome::BackendGone => {
+                        backend_eof = true;
+                        phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+                        continue;
+                    }
+                }
+                take_client_input!();
+                take_backend_input!();
+                continue;
+            } else if matches!(intercept.held, Some(Held::Execute { .. }))
+                && !intercept.flush_sent
+                && to_backend.is_empty()
+            {
+                // the client's earlier messages may wait in the backend's output buffer
+                let mut flush = BytesMut::new();
+                protocol::put_empty(&mut flush, b'H');
+                to_backend.push(flush.freeze());
+                intercept.flush_sent = true;
+            }
+        }
         if client_in.capacity() - client_in.len() < READ_CHUNK / 4 {
             client_in.reserve(READ_CHUNK);
         }
         if backend_in.capacity() - backend_in.len() < READ_CHUNK / 4 {
             backend_in.reserve(READ_CHUNK);
         }
-        let read_client = phase == Phase::Running && to_backend.bytes < QUEUE_LIMIT;
+        let read_client =
+            phase == Phase::Running && to_backend.bytes < QUEUE_LIMIT && intercept.held.is_none();
         let read_backend = matches!(phase, Phase::Running | Phase::DrainToBackend(_))
             && !backend_eof
             && to_client.bytes < QUEUE_LIMIT;
@@ -329,31 +477,51 @@ async fn write_step<W: AsyncWrite + Unpin>(w: &mut W, chunk: &mut Bytes) -> std:
     }
 }
 
-/// Scans client bytes: counts statements, stops at Terminate.
+/// Scans client bytes: counts statements, stops at Terminate, and holds back a statement
+/// that fans out.
 fn scan_client(
     cursor: &mut MessageCursor,
     buf: &[u8],
     tracker: &mut Tracker<'_>,
+    intercept: &mut Intercept,
+    fanout: Option<&FanoutSession<'_>>,
 ) -> Result<(usize, bool), (usize, protocol::FrameError)> {
     let mut terminated = false;
+    let watching = fanout.is_some();
     let n = cursor.scan(
         buf,
-        |_| false,
-        |header, _| {
+        |tag| watching && matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'C'),
+        |header, body| {
+            let bypass = std::mem::take(&mut intercept.bypass);
+            if let (Some(fs), Some(body)) = (fanout, body) {
+                if watch_client(fs, header, body, bypass, tracker, intercept) == Visit::Stop {
+                    return Visit::Stop;
+                }
+            }
             match header.tag {
                 b'Q' => {
                     tracker.metrics.queries.increment(1);
                     tracker.request();
+                    tracker.expect.push_back(b'Q');
                 }
-                b'F' => tracker.request(),
+                b'F' => {
+                    tracker.request();
+                    tracker.expect.push_back(b'F');
+                }
                 b'E' => {
                     tracker.metrics.queries.increment(1);
                     tracker.unsynced = true;
+                    tracker.expect.push_back(b'E');
                 }
-                b'P' | b'B' | b'D' | b'C' | b'H' => tracker.unsynced = true,
+                b'P' | b'B' | b'D' | b'C' => {
+                    tracker.unsynced = true;
+                    tracker.expect.push_back(header.tag);
+                }
+                b'H' => tracker.unsynced = true,
                 b'S' => {
                     tracker.unsynced = false;
                     tracker.request();
+                    tracker.expect.push_back(b'S');
                 }
                 b'X' => {
                     // not forwarded: pgfan decides whether the connection is closed or reset
@@ -368,18 +536,159 @@ fn scan_client(
     Ok((n, terminated))
 }
 
+/// Looks at a whole Q, P, B, E or C message for fan-out; `Stop` holds it back.
+fn watch_client(
+    fs: &FanoutSession<'_>,
+    header: protocol::Header,
+    body: &[u8],
+    bypass: bool,
+    tracker: &mut Tracker<'_>,
+    intercept: &mut Intercept,
+) -> Visit {
+    let mut r = protocol::Reader(body);
+    let seen_sql = |sql: &str, intercept: &mut Intercept| {
+        if plan::changes_catalog(sql) {
+            fs.env.catalog.invalidate(&fs.login.1);
+        }
+        if plan::opens_savepoint(sql) {
+            intercept.savepoint = true;
+        }
+    };
+    match header.tag {
+        b'Q' => {
+            let Some(sql) = r.cstr() else { return Visit::Forward };
+            seen_sql(&sql, intercept);
+            if bypass || intercept.savepoint || tracker.unsynced || !plan::worth_parsing(&sql) {
+                return Visit::Forward;
+            }
+            let Ok(candidate) = Candidate::parse(&sql) else {
+                return Visit::Forward;
+            };
+            if !candidate.explain && passes_cached(fs, tracker.state.status, &candidate) {
+                return Visit::Forward;
+            }
+            intercept.held = Some(Held::Query {
+                candidate: Arc::new(candidate),
+                sql,
+                len: header.total(),
+            });
+            Visit::Stop
+        }
+        b'P' => {
+            let (Some(name), Some(sql)) = (r.cstr(), r.cstr()) else {
+                return Visit::Forward;
+            };
+            seen_sql(&sql, intercept);
+            let n = r.i16().unwrap_or(0).max(0);
+            let param_types: Vec<u32> = (0..n).map_while(|_| r.u32()).collect();
+            let candidate = plan::worth_parsing(&sql)
+                .then(|| Candidate::parse(&sql).ok())
+                .flatten()
+                .filter(|c| !c.explain);
+            match candidate {
+                Some(c) => {
+                    intercept.statements.insert(
+                        name,
+                        Arc::new(Prepared {
+                            candidate: Arc::new(c),
+                            sql,
+                            param_types,
+                        }),
+                    );
+                }
+                None => {
+                    intercept.statements.remove(&name);
+                }
+            }
+            Visit::Forward
+        }
+        b'B' => {
+            if let Some((portal, statement, params)) = BindParams::parse(body) {
+                match intercept.statements.get(&statement) {
+                    Some(p) => {
+                        intercept.portals.insert(portal, (p.clone(), params));
+                    }
+                    None => {
+                        intercept.portals.remove(&portal);
+                    }
+                }
+            }
+            Visit::Forward
+        }
+        b'C' => {
+            let kind = r.take(1).map(|k| k[0]);
+            if let Some(name) = r.cstr() {
+                match kind {
+                    Some(b'S') => {
+                        intercept.statements.remove(&name);
+                    }
+                    Some(b'P') => {
+                        intercept.portals.remove(&name);
+                    }
+                    _ => {}
+                }
+            }
+            Visit::Forward
+        }
+        b'E' => {
+            let (Some(portal), Some(max_rows)) = (r.cstr(), r.i32()) else {
+                return Visit::Forward;
+            };
+            if bypass || max_rows != 0 || tracker.batch_failed || intercept.savepoint {
+                return Visit::Forward;
+            }
+            let Some((prepared, params)) = intercept.portals.get(&portal).cloned() else {
+                return Visit::Forward;
+            };
+            if passes_cached(fs, tracker.state.status, &prepared.candidate) {
+                return Visit::Forward;
+            }
+            intercept.held = Some(Held::Execute {
+                prepared,
+                params,
+                len: header.total(),
+            });
+            Visit::Stop
+        }
+        _ => Visit::Forward,
+    }
+}
+
+/// True when cached catalog facts already say the statement passes through (the common
+/// case for OLTP point queries: no need to hold anything back).
+fn passes_cached(fs: &FanoutSession<'_>, status: u8, candidate: &Candidate) -> bool {
+    match fanout::cached_route(fs.env, &fs.login, status, candidate) {
+        Some(Route::PassThrough(reason)) => {
+            metrics::counter!(crate::metrics::PASSTHROUGH_REASONS, "reason" => reason.label)
+                .increment(1);
+            true
+        }
+        Some(Route::FanOut(_)) | None => false,
+    }
+}
+
 /// Scans server bytes: tracks ReadyForQuery status and ParameterStatus values.
 fn scan_backend(
     cursor: &mut MessageCursor,
     buf: &[u8],
     tracker: &mut Tracker<'_>,
+    intercept: &mut Intercept,
 ) -> Result<usize, (usize, protocol::FrameError)> {
     cursor.scan(
         buf,
         |tag| tag == b'Z' || tag == b'S',
         |header, body| {
+            tracker.reply(header.tag);
             match (header.tag, body) {
-                (b'Z', Some(body)) => tracker.ready(body.first().copied().unwrap_or(b'I')),
+                (b'Z', Some(body)) => {
+                    let status = body.first().copied().unwrap_or(b'I');
+                    tracker.ready(status);
+                    if status == b'I' {
+                        // the transaction ended: its portals and savepoints are gone
+                        intercept.portals.clear();
+                        intercept.savepoint = false;
+                    }
+                }
                 (b'S', Some(body)) => tracker
                     .state
                     .parameters

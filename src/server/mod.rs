@@ -51,6 +51,8 @@ pub struct ServerContext {
     pub clients: AtomicUsize,
     /// Reset pass-through connections waiting for their next client.
     pub session_pool: SessionPool,
+    /// Fragment pools, catalog cache and fan-out settings.
+    pub fanout: crate::relay::fanout::FanoutEnv,
     next_session: AtomicU64,
 }
 
@@ -75,6 +77,11 @@ impl ServerContext {
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
             session_pool: SessionPool::new(config.backend_idle_timeout, 1000),
+            fanout: crate::relay::fanout::FanoutEnv {
+                config: config.clone(),
+                pools: Arc::new(crate::backends::pool::FragmentPools::new(&config)),
+                catalog: Arc::new(crate::plan::CatalogCache::new(config.fanout.catalog_ttl)),
+            },
             next_session: AtomicU64::new(1),
         })
     }
@@ -98,6 +105,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
         loop {
             tick.tick().await;
             pruner.session_pool.prune();
+            pruner.fanout.pools.prune();
             session::record_parked(&pruner);
         }
     });

@@ -62,6 +62,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
         mut backend,
         pool_key,
         slot,
+        login,
     } = ready;
     let _slot = slot;
 
@@ -95,6 +96,10 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
         &backend_cancel,
         &mut state,
         &metrics,
+        Some(relay::FanoutSession {
+            env: &ctx.fanout,
+            login,
+        }),
     )
     .await;
     debug!(?end, reused = reusable.is_some(), "session ended");
@@ -132,6 +137,8 @@ struct Established<'a> {
     backend: connect::BackendConnection,
     pool_key: PoolKey,
     slot: ClientSlot<'a>,
+    /// (user, database) the session logged in as, for fragment connections.
+    login: (String, String),
 }
 
 async fn send_error(framed: &mut ClientFramed, error: ErrorFields) {
@@ -263,11 +270,17 @@ async fn startup(ctx: &ServerContext, framed: ClientFramed) -> Option<Establishe
             return None;
         }
     };
+    let database = startup
+        .parameters
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| user.clone());
     Some(Established {
         framed,
         backend,
         pool_key,
         slot,
+        login: (user, database),
     })
 }
 

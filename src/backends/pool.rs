@@ -1,0 +1,270 @@
+//! Fragment pools: per backend server, a bounded set of connections that run fragments and
+//! control queries, logged in as the client's user to the client's database (so privileges
+//! and row-level security are the client's own).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::connect::{self, BackendConnection, ConnectError};
+use crate::config::{BackendConfig, BackendRole, Config};
+use crate::protocol;
+
+/// Who a fragment connection logs in as: (user, database).
+pub type LoginKey = (String, String);
+
+/// One backend server's fragment connections.
+pub struct BackendPool {
+    /// The configured backend.
+    pub config: BackendConfig,
+    /// Index in [`FragmentPools::backends`].
+    pub index: usize,
+    permits: Arc<Semaphore>,
+    idle: Mutex<HashMap<LoginKey, Vec<(Instant, BackendConnection, BytesMut)>>>,
+    passwords: HashMap<String, String>,
+    idle_timeout: Duration,
+}
+
+/// A fragment connection checked out of its pool; returned on drop unless marked broken.
+pub struct PooledConnection {
+    /// The connection (always `Some` until drop).
+    conn: Option<BackendConnection>,
+    /// Bytes read past the last message handled.
+    pub buf: BytesMut,
+    /// Set when the connection is in an unknown state: it is closed instead of returned.
+    pub broken: bool,
+    key: LoginKey,
+    pool: Arc<BackendPool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledConnection {
+    /// The connection.
+    pub fn conn(&mut self) -> &mut BackendConnection {
+        // invariant: conn is Some until drop
+        self.conn.as_mut().expect("pooled connection present until drop")
+    }
+
+    /// The backend this connection belongs to.
+    pub fn backend(&self) -> &BackendPool {
+        &self.pool
+    }
+
+    /// Writes `bytes` to the backend.
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let stream = &mut self.conn().stream;
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    }
+
+    /// Reads the next whole message.
+    pub async fn next(&mut self) -> std::io::Result<(u8, BytesMut)> {
+        let conn = self.conn.as_mut().expect("pooled connection present until drop");
+        protocol::read_message(&mut conn.stream, &mut self.buf).await
+    }
+
+    /// Runs a simple query and returns its rows as text (NULL as `None`); an error comes
+    /// back as the server's message.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        let mut out = BytesMut::new();
+        protocol::put_query(&mut out, sql);
+        if let Err(e) = self.send(&out).await {
+            self.broken = true;
+            return Err(e.to_string());
+        }
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = match self.next().await {
+                Ok(m) => m,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.to_string());
+                }
+            };
+            match tag {
+                b'D' => rows.push(decode_text_row(&body)),
+                b'E' => {
+                    let (code, msg) = protocol::error_code_and_message(&body);
+                    error = Some(format!(
+                        "{}: {}",
+                        code.unwrap_or_default(),
+                        msg.unwrap_or_default()
+                    ));
+                }
+                b'Z' => {
+                    if body.first() != Some(&b'I') {
+                        self.broken = true;
+                    }
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Splits a DataRow body into its values as text.
+pub fn decode_text_row(body: &[u8]) -> Vec<Option<String>> {
+    row_values(body)
+        .into_iter()
+        .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+        .collect()
+}
+
+/// Splits a DataRow body into its raw values.
+pub fn row_values(body: &[u8]) -> Vec<Option<&[u8]>> {
+    let mut r = protocol::Reader(body);
+    let n = r.i16().unwrap_or(0).max(0) as usize;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        match r.i32() {
+            Some(len) if len >= 0 => out.push(r.take(len as usize)),
+            _ => out.push(None),
+        }
+    }
+    out
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if !self.broken && self.buf.is_empty() {
+                if let Ok(mut idle) = self.pool.idle.lock() {
+                    idle.entry(self.key.clone()).or_default().push((
+                        Instant::now(),
+                        conn,
+                        BytesMut::new(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl BackendPool {
+    /// Connections this backend may run at once.
+    pub fn capacity(&self) -> usize {
+        self.config.pool_size
+    }
+
+    /// Checks out a connection logged in as `key`, opening one if none is idle; waits while
+    /// the pool is at its size.
+    pub async fn acquire(self: &Arc<Self>, key: &LoginKey) -> Result<PooledConnection, ConnectError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ConnectError::Protocol("pool closed".into()))?;
+        let reused = self.idle.lock().ok().and_then(|mut idle| {
+            let list = idle.get_mut(key)?;
+            while let Some((since, conn, buf)) = list.pop() {
+                if since.elapsed() < self.idle_timeout {
+                    return Some((conn, buf));
+                }
+            }
+            None
+        });
+        let (conn, buf) = match reused {
+            Some(c) => c,
+            None => {
+                let url = &self.config.url;
+                let user = url.user.clone().unwrap_or_else(|| key.0.clone());
+                let database = url.database.clone().unwrap_or_else(|| key.1.clone());
+                let params = vec![
+                    ("user".to_string(), user.clone()),
+                    ("database".to_string(), database),
+                    ("application_name".to_string(), "pgfan fragment".to_string()),
+                    ("client_encoding".to_string(), "UTF8".to_string()),
+                ];
+                let password = url
+                    .password
+                    .clone()
+                    .or_else(|| self.passwords.get(&user).cloned());
+                let conn = connect::connect(url, &params, password.as_deref()).await?;
+                let buf = conn.pending.clone();
+                (conn, buf)
+            }
+        };
+        Ok(PooledConnection {
+            conn: Some(conn),
+            buf,
+            broken: false,
+            key: key.clone(),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Slots not in use right now.
+    pub fn free_slots(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Closes idle connections older than the idle timeout.
+    pub fn prune(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            for list in idle.values_mut() {
+                list.retain(|(since, _, _)| since.elapsed() < self.idle_timeout);
+            }
+        }
+    }
+}
+
+/// All backends' fragment pools, primary first.
+pub struct FragmentPools {
+    /// One pool per configured backend; index 0 is the primary.
+    pub backends: Vec<Arc<BackendPool>>,
+}
+
+impl FragmentPools {
+    /// Builds empty pools for the configured backends.
+    pub fn new(config: &Config) -> Self {
+        let passwords: HashMap<String, String> = config
+            .users
+            .iter()
+            .filter_map(|u| Some((u.name.clone(), u.password.clone()?)))
+            .collect();
+        let mut ordered: Vec<&BackendConfig> = config
+            .backends
+            .iter()
+            .filter(|b| b.role == BackendRole::Primary)
+            .collect();
+        ordered.extend(config.backends.iter().filter(|b| b.role != BackendRole::Primary));
+        let backends = ordered
+            .into_iter()
+            .enumerate()
+            .map(|(index, b)| {
+                Arc::new(BackendPool {
+                    config: b.clone(),
+                    index,
+                    permits: Arc::new(Semaphore::new(b.pool_size)),
+                    idle: Mutex::new(HashMap::new()),
+                    passwords: passwords.clone(),
+                    idle_timeout: config.backend_idle_timeout,
+                })
+            })
+            .collect();
+        FragmentPools { backends }
+    }
+
+    /// The primary's pool.
+    pub fn primary(&self) -> &Arc<BackendPool> {
+        &self.backends[0]
+    }
+
+    /// Closes idle connections past their timeout.
+    pub fn prune(&self) {
+        for b in &self.backends {
+            b.prune();
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Catalog facts the planner decides from: relation size, columns with types and
+//! collations, btree-indexed columns and `pg_stats` histograms. Cached per database with a
+//! TTL, dropped early when pass-through DDL is seen.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backends::pool::PooledConnection;
+
+/// One column of a table.
+#[derive(Debug, Clone)]
+pub struct ColumnInfo {
+    /// Column name.
+    pub name: String,
+    /// Type OID.
+    pub type_oid: u32,
+    /// `format_type(atttypid, atttypmod)`.
+    pub type_name: String,
+    /// Quoted collation name (`"pg_catalog"."default"`); `None` for non-collatable types.
+    pub collation: Option<String>,
+    /// False for a nondeterministic (ICU, case-insensitive …) collation.
+    pub deterministic: bool,
+    /// The leading column of a valid, non-partial btree index.
+    pub indexed: bool,
+    /// `pg_stats.histogram_bounds` as text values, when analyzed.
+    pub histogram: Vec<String>,
+    /// `pg_stats.null_frac`.
+    pub null_frac: f64,
+}
+
+/// What the planner knows about one table.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// Schema-qualified, quoted name.
+    pub qualified: String,
+    /// `relkind`: `r` table, `m` materialized view, `p` partitioned, `v` view, …
+    pub kind: char,
+    /// `relpersistence = 't'`: visible only to its own session.
+    pub temporary: bool,
+    /// Heap blocks (`pg_relation_size / block_size`).
+    pub blocks: u64,
+    /// Estimated rows.
+    pub reltuples: f64,
+    /// Columns in attnum order.
+    pub columns: Vec<ColumnInfo>,
+}
+
+impl TableInfo {
+    /// The column with this (case-folded) name.
+    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+/// Cache of [`TableInfo`] per (database, name as written).
+pub struct CatalogCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<(String, String), (Instant, Option<Arc<TableInfo>>)>>,
+}
+
+impl CatalogCache {
+    /// An empty cache whose entries live `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        CatalogCache {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cached entry, if fresh: `Some(None)` caches "no such table".
+    pub fn get(&self, database: &str, name: &str) -> Option<Option<Arc<TableInfo>>> {
+        let entries = self.entries.lock().ok()?;
+        let (at, info) = entries.get(&(database.to_string(), name.to_string()))?;
+        (at.elapsed() < self.ttl).then(|| info.clone())
+    }
+
+    /// Stores an entry.
+    pub fn put(&self, database: &str, name: &str, info: Option<Arc<TableInfo>>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.insert(
+                (database.to_string(), name.to_string()),
+                (Instant::now(), info),
+            );
+        }
+    }
+
+    /// Forgets every entry of `database` (after DDL, ANALYZE, VACUUM, TRUNCATE).
+    pub fn invalidate(&self, database: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|(db, _), _| db != database);
+        }
+    }
+}
+
+/// Quotes a string as an SQL literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Loads a table's facts with the default search path; `Ok(None)` when no such relation.
+pub async fn load_table(
+    conn: &mut PooledConnection,
+    name: &str,
+) -> Result<Option<TableInfo>, String> {
+    let lit = quote_literal(name);
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind, \
+             c.relpersistence, pg_relation_size(c.oid) / current_setting('block_size')::int, \
+             c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = to_regclass({lit})"
+        ))
+        .await?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let oid: u32 = text(0).parse().map_err(|_| "bad oid".to_string())?;
+    let mut info = TableInfo {
+        oid,
+        qualified: text(1),
+        kind: text(2).chars().next().unwrap_or('r'),
+        temporary: text(3) == "t",
+        blocks: text(4).parse().unwrap_or(0),
+        reltuples: text(5).parse().unwrap_or(0.0),
+        columns: Vec::new(),
+    };
+    let cols = conn
+        .simple_query(&format!(
+            "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod), \
+             CASE WHEN a.attcollation = 0 THEN NULL ELSE quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END, \
+             coalesce(co.collisdeterministic, true), \
+             EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam \
+                     WHERE i.indrelid = a.attrelid AND i.indkey[0] = a.attnum AND i.indisvalid \
+                     AND am.amname = 'btree' AND i.indpred IS NULL AND i.indexprs IS NULL), \
+             s.histogram_bounds::text, coalesce(s.null_frac, 0) \
+             FROM pg_attribute a \
+             LEFT JOIN pg_collation co ON co.oid = a.attcollation \
+             LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace \
+             LEFT JOIN pg_class c ON c.oid = a.attrelid \
+             LEFT JOIN pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = a.attname AND NOT s.inherited \
+             WHERE a.attrelid = {oid} AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+        ))
+        .await?;
+    for c in cols {
+        let text = |i: usize| c.get(i).cloned().flatten();
+        info.columns.push(ColumnInfo {
+            name: text(0).unwrap_or_default(),
+            type_oid: text(1).and_then(|s| s.parse().ok()).unwrap_or(0),
+            type_name: text(2).unwrap_or_default(),
+            collation: text(3),
+            deterministic: text(4).as_deref() != Some("f"),
+            indexed: text(5).as_deref() == Some("t"),
+            histogram: text(6).map(|h| parse_array_text(&h)).unwrap_or_default(),
+            null_frac: text(7).and_then(|s| s.parse().ok()).unwrap_or(0.0),
+        });
+    }
+    Ok(Some(info))
+}
+
+/// Splits a one-dimensional array literal (`{1,"a b",NULL}`) into its element texts.
+pub fn parse_array_text(text: &str) -> Vec<String> {
+    let inner = text
+        .trim()
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .unwrap_or("");
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut in_quotes = false;
+    let mut chars = inner.chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '"' => {
+                in_quotes = !in_quotes;
+                quoted = true;
+            }
+            '\\' if in_quotes => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            ',' if !in_quotes => {
+                if quoted || cur != "NULL" {
+                    out.push(std::mem::take(&mut cur));
+                }
+                cur.clear();
+                quoted = false;
+            }
+            c => cur.push(c),
+        }
+    }
+    if !inner.is_empty() && (quoted || cur != "NULL") {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_text() {
+        assert_eq!(parse_array_text("{1,5,9}"), vec!["1", "5", "9"]);
+        assert_eq!(
+            parse_array_text(r#"{"2024-01-01 00:00:00+01","a\"b"}"#),
+            vec!["2024-01-01 00:00:00+01", "a\"b"]
+        );
+        assert!(parse_array_text("{}").is_empty());
+    }
+}

@@ -1,0 +1,516 @@
+//! Sorts statements into [`Route::PassThrough`] or [`Route::FanOut`] from the sqlparser
+//! AST, and writes the fragment SQL and the merge for fanned-out ones.
+//!
+//! Two steps: [`Candidate::parse`] checks the shape from the SQL text alone (one SELECT over
+//! one table, whitelisted functions only); [`plan`] then decides with catalog facts (size,
+//! indexes, histograms, collations) how to split it, or passes it through.
+
+pub mod catalog;
+pub mod rewrite;
+pub mod split;
+
+use std::fmt;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    Distinct, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident,
+    LimitClause, ObjectName, ObjectNamePart, OrderByKind, Query, SelectItem, SetExpr, Statement,
+    TableFactor, Value, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+pub use catalog::{CatalogCache, ColumnInfo, TableInfo};
+pub use rewrite::{AggKind, CombineSpec, MergeSpec};
+pub use split::SplitStrategy;
+
+use crate::config::FanoutConfig;
+
+/// Why a statement passes through: a metrics label and a human-readable detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassReason {
+    /// Low-cardinality label for `pgfan_passthrough_total{reason}`.
+    pub label: &'static str,
+    /// What exactly, for logs and EXPLAIN FANOUT.
+    pub detail: String,
+}
+
+impl PassReason {
+    /// A reason with a label and detail.
+    pub fn new(label: &'static str, detail: impl Into<String>) -> Self {
+        PassReason {
+            label,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for PassReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// A fanned-out statement: fragments and how their results merge.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The split table, schema-qualified.
+    pub table: String,
+    /// How the table is cut.
+    pub split: SplitStrategy,
+    /// One SQL text per fragment (with the client's `$n` parameters, if any).
+    pub fragments: Vec<String>,
+    /// How fragment results become the client's result.
+    pub merge: MergeSpec,
+}
+
+/// Where a statement goes.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// Relayed to the primary unchanged.
+    PassThrough(PassReason),
+    /// Split into fragments.
+    FanOut(Box<Plan>),
+}
+
+/// What a statement asks of pgfan before any catalog lookup.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The parsed SELECT.
+    pub query: Query,
+    /// The single table, as to_regclass() text (`"public"."events"` or `"events"`).
+    pub table: String,
+    /// Names the table may be referred by in column references (alias or last name part).
+    pub qualifiers: Vec<String>,
+    /// `EXPLAIN FANOUT <query>`: describe, do not run.
+    pub explain: bool,
+}
+
+/// Functions that are immutable (or depend only on settings pgfan copies to fragments), so
+/// every fragment computes them as the primary would.
+const SAFE_FUNCTIONS: &[&str] = &[
+    "abs", "ceil", "ceiling", "floor", "round", "trunc", "sign", "sqrt", "cbrt", "exp", "ln",
+    "log", "log10", "power", "pow", "mod", "div", "greatest", "least", "coalesce", "nullif",
+    "lower", "upper", "length", "char_length", "character_length", "octet_length", "substr",
+    "substring", "left", "right", "btrim", "ltrim", "rtrim", "trim", "replace", "concat",
+    "concat_ws", "split_part", "strpos", "starts_with", "md5", "date_trunc", "date_part",
+    "extract", "to_char", "make_date", "width_bucket", "isfinite", "initcap", "reverse",
+    "repeat", "lpad", "rpad", "array_length", "cardinality", "num_nonnulls", "num_nulls",
+    "float8", "int4", "int8", "numeric", "text",
+];
+
+/// Aggregates pgfan can split into partial and combine steps.
+pub fn aggregate_kind(name: &str) -> Option<AggKind> {
+    Some(match name {
+        "count" => AggKind::Count,
+        "sum" => AggKind::Sum,
+        "min" => AggKind::Min,
+        "max" => AggKind::Max,
+        "avg" => AggKind::Avg,
+        "bool_and" | "every" => AggKind::BoolAnd,
+        "bool_or" => AggKind::BoolOr,
+        "stddev" | "stddev_samp" => AggKind::Var {
+            sample: true,
+            stddev: true,
+        },
+        "stddev_pop" => AggKind::Var {
+            sample: false,
+            stddev: true,
+        },
+        "variance" | "var_samp" => AggKind::Var {
+            sample: true,
+            stddev: false,
+        },
+        "var_pop" => AggKind::Var {
+            sample: false,
+            stddev: false,
+        },
+        _ => return None,
+    })
+}
+
+/// An identifier as PostgreSQL folds it.
+pub fn fold(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// Double-quotes an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The lowercase, unqualified name of a function (`pg_catalog.sum` → `sum`), or `None` for
+/// a schema other than pg_catalog.
+pub fn function_name(name: &ObjectName) -> Option<String> {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(i) => Some(fold(i)),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [n] => Some(n.clone()),
+        [schema, n] if schema == "pg_catalog" => Some(n.clone()),
+        _ => None,
+    }
+}
+
+/// True if the text can only be a statement pgfan might fan out (cheap pre-filter before
+/// parsing): it starts with SELECT or EXPLAIN FANOUT.
+pub fn worth_parsing(sql: &str) -> bool {
+    let t = skip_space_and_comments(sql);
+    let head: String = t.chars().take(14).collect::<String>().to_ascii_lowercase();
+    head.starts_with("select") || head.starts_with("explain fanout")
+}
+
+/// True if the statement changes the catalog or its statistics (the catalog cache of the
+/// database is dropped).
+pub fn changes_catalog(sql: &str) -> bool {
+    let t = skip_space_and_comments(sql);
+    let head: String = t.chars().take(9).collect::<String>().to_ascii_lowercase();
+    ["create", "alter", "drop", "truncate", "analyze", "vacuum", "cluster", "reindex"]
+        .iter()
+        .any(|k| head.starts_with(k))
+}
+
+/// True if the statement opens a savepoint (a subtransaction cannot export a snapshot).
+pub fn opens_savepoint(sql: &str) -> bool {
+    let t = skip_space_and_comments(sql);
+    t.get(..9)
+        .is_some_and(|h| h.eq_ignore_ascii_case("savepoint"))
+}
+
+fn skip_space_and_comments(mut t: &str) -> &str {
+    loop {
+        t = t.trim_start();
+        if let Some(rest) = t.strip_prefix("--") {
+            t = rest.split_once('\n').map(|x| x.1).unwrap_or("");
+        } else if let Some(rest) = t.strip_prefix("/*") {
+            t = rest.split_once("*/").map(|x| x.1).unwrap_or("");
+        } else {
+            return t;
+        }
+    }
+}
+
+impl Candidate {
+    /// Parses `sql` and checks the shape; `Err` says why it passes through.
+    pub fn parse(sql: &str) -> Result<Candidate, PassReason> {
+        let mut text = skip_space_and_comments(sql);
+        let mut explain = false;
+        if text
+            .get(..14)
+            .is_some_and(|h| h.eq_ignore_ascii_case("explain fanout"))
+        {
+            explain = true;
+            text = &text[14..];
+        }
+        let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, text)
+            .map_err(|e| PassReason::new("unparsed", format!("not parsed by pgfan: {e}")))?;
+        if statements.len() != 1 {
+            return Err(PassReason::new(
+                "multiple_statements",
+                "more than one statement",
+            ));
+        }
+        let Some(Statement::Query(query)) = statements.pop() else {
+            return Err(PassReason::new("not_select", "not a SELECT"));
+        };
+        let query = *query;
+        let (table, qualifiers) = check_shape(&query)?;
+        Ok(Candidate {
+            query,
+            table,
+            qualifiers,
+            explain,
+        })
+    }
+}
+
+fn unsupported(detail: impl Into<String>) -> PassReason {
+    PassReason::new("unsupported_shape", detail)
+}
+
+/// Checks the query is one SELECT over one plain table with only safe expressions.
+fn check_shape(q: &Query) -> Result<(String, Vec<String>), PassReason> {
+    if q.with.is_some() {
+        return Err(unsupported("WITH query"));
+    }
+    if q.fetch.is_some() || !q.locks.is_empty() || q.for_clause.is_some() {
+        return Err(unsupported("FETCH, FOR UPDATE/SHARE or FOR clause"));
+    }
+    if q.settings.is_some() || q.format_clause.is_some() || !q.pipe_operators.is_empty() {
+        return Err(unsupported("non-PostgreSQL clause"));
+    }
+    let SetExpr::Select(s) = q.body.as_ref() else {
+        return Err(unsupported("set operation or VALUES"));
+    };
+    if matches!(s.distinct, Some(Distinct::On(_))) {
+        return Err(unsupported("DISTINCT ON"));
+    }
+    if s.top.is_some()
+        || s.into.is_some()
+        || !s.lateral_views.is_empty()
+        || s.prewhere.is_some()
+        || !s.connect_by.is_empty()
+        || !s.cluster_by.is_empty()
+        || !s.distribute_by.is_empty()
+        || !s.sort_by.is_empty()
+        || !s.named_window.is_empty()
+        || s.qualify.is_some()
+        || s.exclude.is_some()
+    {
+        return Err(unsupported("clause pgfan does not split"));
+    }
+    if s.from.len() != 1 || !s.from[0].joins.is_empty() {
+        return Err(PassReason::new("join", "not a single-table SELECT"));
+    }
+    let TableFactor::Table {
+        name,
+        alias,
+        args,
+        with_hints,
+        version,
+        partitions,
+        sample,
+        with_ordinality,
+        json_path,
+        ..
+    } = &s.from[0].relation
+    else {
+        return Err(unsupported("FROM is not a plain table"));
+    };
+    if args.is_some()
+        || !with_hints.is_empty()
+        || version.is_some()
+        || !partitions.is_empty()
+        || sample.is_some()
+        || *with_ordinality
+        || json_path.is_some()
+    {
+        return Err(unsupported("table function, sample or hint"));
+    }
+    if alias.as_ref().is_some_and(|a| !a.columns.is_empty()) {
+        return Err(unsupported("table alias with column names"));
+    }
+    let mut parts = Vec::new();
+    for p in &name.0 {
+        match p {
+            ObjectNamePart::Identifier(i) => parts.push(fold(i)),
+            _ => return Err(unsupported("table name")),
+        }
+    }
+    if parts.is_empty() || parts.len() > 2 {
+        return Err(unsupported("table name with a database part"));
+    }
+    let table = parts
+        .iter()
+        .map(|p| quote_ident(p))
+        .collect::<Vec<_>>()
+        .join(".");
+    let mut qualifiers = vec![];
+    match alias {
+        Some(a) => qualifiers.push(fold(&a.name)),
+        None => qualifiers.push(parts[parts.len() - 1].clone()),
+    }
+    if let GroupByExpr::Expressions(_, modifiers) = &s.group_by {
+        if !modifiers.is_empty() {
+            return Err(unsupported("GROUP BY modifier"));
+        }
+    } else {
+        return Err(unsupported("GROUP BY ALL"));
+    }
+    if let Some(LimitClause::OffsetCommaLimit { .. }) = &q.limit_clause {
+        return Err(unsupported("LIMIT a, b"));
+    }
+    if let Some(LimitClause::LimitOffset { limit_by, .. }) = &q.limit_clause {
+        if !limit_by.is_empty() {
+            return Err(unsupported("LIMIT BY"));
+        }
+    }
+    if let Some(ob) = &q.order_by {
+        if let OrderByKind::All(_) = ob.kind {
+            return Err(unsupported("ORDER BY ALL"));
+        }
+        if ob.interpolate.is_some() {
+            return Err(unsupported("ORDER BY INTERPOLATE"));
+        }
+    }
+    let mut checker = ExprCheck { problem: None };
+    let _ = q.visit(&mut checker);
+    if let Some(p) = checker.problem {
+        return Err(p);
+    }
+    for item in &s.projection {
+        if let SelectItem::ExprWithAliases { .. } = item {
+            return Err(unsupported("multiple aliases"));
+        }
+    }
+    Ok((table, qualifiers))
+}
+
+/// Rejects expressions whose value could differ between fragments or that need the whole
+/// input (subqueries, window functions, volatile or unknown functions).
+struct ExprCheck {
+    problem: Option<PassReason>,
+}
+
+impl Visitor for ExprCheck {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        let problem = match e {
+            Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
+                Some(PassReason::new("subquery", "subquery"))
+            }
+            Expr::GroupingSets(_) | Expr::Cube(_) | Expr::Rollup(_) => {
+                Some(unsupported("GROUPING SETS, CUBE or ROLLUP"))
+            }
+            Expr::Function(f) => {
+                let name = function_name(&f.name);
+                match name {
+                    _ if f.over.is_some() => {
+                        Some(PassReason::new("window_function", "window function"))
+                    }
+                    Some(n) if aggregate_kind(&n).is_some() => {
+                        aggregate_problem(f).map(|d| PassReason::new("aggregate", d))
+                    }
+                    Some(n) if SAFE_FUNCTIONS.contains(&n.as_str()) => {
+                        if f.filter.is_some() || !f.within_group.is_empty() {
+                            Some(unsupported("FILTER on a non-aggregate"))
+                        } else {
+                            None
+                        }
+                    }
+                    Some(n) => Some(PassReason::new(
+                        "function",
+                        format!("function {n}() is not known to be immutable"),
+                    )),
+                    None => Some(PassReason::new("function", "schema-qualified function")),
+                }
+            }
+            Expr::Value(v) => match &v.value {
+                Value::Placeholder(p) if !p.starts_with('$') => {
+                    Some(unsupported("placeholder other than $n"))
+                }
+                _ => None,
+            },
+            Expr::Wildcard(_) | Expr::QualifiedWildcard(..) => None,
+            _ => None,
+        };
+        if let Some(p) = problem {
+            self.problem.get_or_insert(p);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn aggregate_problem(f: &sqlparser::ast::Function) -> Option<String> {
+    if !f.within_group.is_empty() {
+        return Some("ordered-set aggregate".into());
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return Some("aggregate without argument list".into());
+    };
+    if list.duplicate_treatment == Some(sqlparser::ast::DuplicateTreatment::Distinct) {
+        return Some("DISTINCT aggregate".into());
+    }
+    if !list.clauses.is_empty() {
+        return Some("ORDER BY inside an aggregate".into());
+    }
+    match list.args.as_slice() {
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(_))] => None,
+        [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]
+            if function_name(&f.name).as_deref() == Some("count") =>
+        {
+            None
+        }
+        _ => Some("aggregate with other than one argument".into()),
+    }
+}
+
+/// Decides the route of a candidate with the table's catalog facts. `slots` is the number
+/// of fragment connections the usable backends have.
+pub fn plan(c: &Candidate, table: &TableInfo, cfg: &FanoutConfig, slots: usize) -> Route {
+    match plan_inner(c, table, cfg, slots) {
+        Ok(p) => Route::FanOut(Box::new(p)),
+        Err(r) => Route::PassThrough(r),
+    }
+}
+
+fn plan_inner(
+    c: &Candidate,
+    table: &TableInfo,
+    cfg: &FanoutConfig,
+    slots: usize,
+) -> Result<Plan, PassReason> {
+    match table.kind {
+        'r' | 'm' => {}
+        'p' => {
+            return Err(PassReason::new(
+                "partitioned",
+                "partitioned table (split partition-wise is not built yet)",
+            ))
+        }
+        _ => return Err(PassReason::new("not_table", "not a plain table")),
+    }
+    if table.temporary {
+        return Err(PassReason::new(
+            "temporary",
+            "temporary table (other connections cannot see it)",
+        ));
+    }
+    let shape = rewrite::analyze(c, table)?;
+    let split = split::choose(c, table, cfg, slots)?;
+    let fragments = split
+        .predicates()
+        .iter()
+        .map(|pred| shape.fragment_sql(pred))
+        .collect();
+    Ok(Plan {
+        table: table.qualified.clone(),
+        split,
+        fragments,
+        merge: shape.merge,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefilter() {
+        assert!(worth_parsing("  /* x */ select 1"));
+        assert!(worth_parsing("EXPLAIN FANOUT select 1"));
+        assert!(!worth_parsing("insert into t values (1)"));
+        assert!(changes_catalog("ALTER TABLE t ADD c int"));
+        assert!(opens_savepoint("SAVEPOINT a"));
+    }
+
+    #[test]
+    fn shapes() {
+        assert!(Candidate::parse("SELECT count(*) FROM t WHERE a > 1").is_ok());
+        assert!(Candidate::parse("SELECT random() FROM t").is_err());
+        assert!(Candidate::parse("SELECT * FROM t JOIN u ON true").is_err());
+        assert!(Candidate::parse("SELECT count(DISTINCT a) FROM t").is_err());
+        assert!(Candidate::parse("SELECT sum(a) OVER () FROM t").is_err());
+        assert!(Candidate::parse("SELECT * FROM t FOR UPDATE").is_err());
+        assert!(Candidate::parse("SELECT a FROM t WHERE a IN (SELECT 1)").is_err());
+        let c = Candidate::parse("EXPLAIN FANOUT SELECT x FROM public.\"Big\" b").unwrap();
+        assert!(c.explain);
+        assert_eq!(c.table, "\"public\".\"Big\"");
+        assert_eq!(c.qualifiers, vec!["b".to_string()]);
+    }
+}

@@ -1,0 +1,356 @@
+//! How a table is cut into fragments: ctid block ranges (TID Range Scan), or ranges of an
+//! indexed column cut equal-depth from `pg_stats.histogram_bounds`.
+
+use sqlparser::ast::{BinaryOperator, Expr, Value};
+
+use super::{fold, quote_ident, Candidate, PassReason, TableInfo};
+use crate::config::FanoutConfig;
+use crate::plan::catalog::quote_literal;
+
+/// How the split table is cut.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SplitStrategy {
+    /// Heap block ranges `[starts[i], starts[i+1])`; the last range is open-ended.
+    Ctid {
+        /// First block of each fragment.
+        starts: Vec<u64>,
+    },
+    /// Ranges of an indexed column between histogram cut points.
+    IndexRange {
+        /// The column (unquoted).
+        column: String,
+        /// Its type, for the casts of the cut points.
+        type_name: String,
+        /// Cut points: fragment i covers `[cuts[i-1], cuts[i])`, open at both ends.
+        cuts: Vec<String>,
+        /// NULLs can match the query, so the first fragment also takes them.
+        nulls: bool,
+        /// From `[[fanout.tables]]` rather than from the WHERE clause.
+        configured: bool,
+    },
+}
+
+impl SplitStrategy {
+    /// `ctid`, `index range on <col>` or `configured column <col>`, for EXPLAIN FANOUT.
+    pub fn describe(&self) -> String {
+        match self {
+            SplitStrategy::Ctid { .. } => "ctid".into(),
+            SplitStrategy::IndexRange {
+                column,
+                configured: false,
+                ..
+            } => format!("index range on {column}"),
+            SplitStrategy::IndexRange { column, .. } => format!("configured column {column}"),
+        }
+    }
+
+    /// The predicate of each fragment.
+    pub fn predicates(&self) -> Vec<String> {
+        match self {
+            SplitStrategy::Ctid { starts } => (0..starts.len())
+                .map(|i| {
+                    let lo = (i > 0).then(|| format!("ctid >= '({},0)'::tid", starts[i]));
+                    let hi = starts
+                        .get(i + 1)
+                        .map(|b| format!("ctid < '({b},0)'::tid"));
+                    match (lo, hi) {
+                        (Some(l), Some(h)) => format!("{l} AND {h}"),
+                        (Some(l), None) => l,
+                        (None, Some(h)) => h,
+                        (None, None) => String::new(),
+                    }
+                })
+                .collect(),
+            SplitStrategy::IndexRange {
+                column,
+                type_name,
+                cuts,
+                nulls,
+                ..
+            } => {
+                let col = quote_ident(column);
+                let v = |s: &str| format!("{}::{type_name}", quote_literal(s));
+                (0..=cuts.len())
+                    .map(|i| {
+                        let lo = (i > 0).then(|| format!("{col} >= {}", v(&cuts[i - 1])));
+                        let hi = cuts.get(i).map(|c| format!("{col} < {}", v(c)));
+                        match (lo, hi) {
+                            (Some(l), Some(h)) => format!("{l} AND {h}"),
+                            (Some(l), None) => l,
+                            (None, Some(h)) if *nulls => format!("({h} OR {col} IS NULL)"),
+                            (None, Some(h)) => h,
+                            (None, None) => String::new(),
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Types whose ranges can be cut at histogram values.
+fn range_type(oid: u32) -> bool {
+    // int2, int4, int8, numeric, date, timestamp, timestamptz
+    matches!(oid, 21 | 23 | 20 | 1700 | 1082 | 1114 | 1184)
+}
+
+/// A comparable key for histogram positions: numbers as numbers, dates and times as text.
+fn sort_key(oid: u32, text: &str) -> Option<(f64, String)> {
+    match oid {
+        21 | 23 | 20 | 1700 => text.trim().parse::<f64>().ok().map(|f| (f, String::new())),
+        _ => Some((0.0, text.trim().to_string())),
+    }
+}
+
+/// A bound a WHERE conjunct puts on a column: `(column, lower, upper)`, with `None` for an
+/// open side; `Err(())` for an equality (a point lookup).
+type Bound = (String, Option<String>, Option<String>);
+
+fn literal_text(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(n.clone()),
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: sqlparser::ast::UnaryOperator::Minus,
+            expr,
+        } => literal_text(expr).map(|t| format!("-{t}")),
+        Expr::Cast { expr, .. } => literal_text(expr),
+        Expr::TypedString(t) => match &t.value.value {
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        Expr::Nested(e) => literal_text(e),
+        _ => None,
+    }
+}
+
+fn is_param(e: &Expr) -> bool {
+    match e {
+        Expr::Value(v) => matches!(v.value, Value::Placeholder(_)),
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => is_param(expr),
+        _ => false,
+    }
+}
+
+fn column_of(e: &Expr, c: &Candidate) -> Option<String> {
+    match e {
+        Expr::Identifier(i) => Some(fold(i)),
+        Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
+            Some(fold(&p[1]))
+        }
+        Expr::Nested(e) => column_of(e, c),
+        _ => None,
+    }
+}
+
+/// Collects range bounds on columns from the top-level AND conjuncts of the WHERE clause.
+/// Returns the bounds and the columns compared for equality.
+fn bounds(e: &Expr, c: &Candidate, out: &mut Vec<Bound>, points: &mut Vec<String>) {
+    match e {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            bounds(left, c, out, points);
+            bounds(right, c, out, points);
+        }
+        Expr::Nested(inner) => bounds(inner, c, out, points),
+        Expr::Between {
+            expr,
+            negated: false,
+            low,
+            high,
+        } => {
+            if let Some(col) = column_of(expr, c) {
+                out.push((col, literal_text(low), literal_text(high)));
+            }
+        }
+        Expr::BinaryOp { left, op, right } => {
+            let (col, val, op) = match (column_of(left, c), column_of(right, c)) {
+                (Some(col), None) => (col, right.as_ref(), op.clone()),
+                (None, Some(col)) => (
+                    col,
+                    left.as_ref(),
+                    match op {
+                        BinaryOperator::Lt => BinaryOperator::Gt,
+                        BinaryOperator::LtEq => BinaryOperator::GtEq,
+                        BinaryOperator::Gt => BinaryOperator::Lt,
+                        BinaryOperator::GtEq => BinaryOperator::LtEq,
+                        o => o.clone(),
+                    },
+                ),
+                _ => return,
+            };
+            if op == BinaryOperator::Eq && (literal_text(val).is_some() || is_param(val)) {
+                points.push(col);
+                return;
+            }
+            let v = literal_text(val);
+            match op {
+                BinaryOperator::Gt | BinaryOperator::GtEq => out.push((col, v, None)),
+                BinaryOperator::Lt | BinaryOperator::LtEq => out.push((col, None, v)),
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Chooses the split for a candidate, or passes it through (too small, point lookup, no
+/// free slots).
+pub fn choose(
+    c: &Candidate,
+    table: &TableInfo,
+    cfg: &FanoutConfig,
+    slots: usize,
+) -> Result<SplitStrategy, PassReason> {
+    let limit = cfg.max_fragments.min(slots);
+    let by_size = |pages: u64| (pages / cfg.min_fragment_pages.max(1)) as usize;
+    if limit < 2 {
+        return Err(PassReason::new(
+            "no_slots",
+            "fewer than 2 fragment slots are available",
+        ));
+    }
+    let mut found = Vec::new();
+    let mut points = Vec::new();
+    if let sqlparser::ast::SetExpr::Select(s) = c.query.body.as_ref() {
+        if let Some(w) = &s.selection {
+            bounds(w, c, &mut found, &mut points);
+        }
+    }
+    for p in &points {
+        if table.column(p).is_some_and(|col| col.indexed) {
+            return Err(PassReason::new(
+                "point_lookup",
+                format!("equality on indexed column {p}"),
+            ));
+        }
+    }
+    // merge bounds per indexed column of a range type
+    let mut best: Option<(String, Option<String>, Option<String>)> = None;
+    for (col, lo, hi) in &found {
+        let Some(info) = table.column(col) else {
+            continue;
+        };
+        if !info.indexed || !range_type(info.type_oid) || (lo.is_none() && hi.is_none()) {
+            continue;
+        }
+        match &mut best {
+            Some((bc, blo, bhi)) if bc == col => {
+                if lo.is_some() {
+                    *blo = lo.clone();
+                }
+                if hi.is_some() {
+                    *bhi = hi.clone();
+                }
+            }
+            Some(_) => {}
+            None => best = Some((col.clone(), lo.clone(), hi.clone())),
+        }
+    }
+    let configured = cfg
+        .split_columns
+        .iter()
+        .find(|(t, _)| {
+            let t = t.to_lowercase();
+            t == table.qualified.replace('"', "").to_lowercase()
+                || Some(t.as_str())
+                    == table
+                        .qualified
+                        .rsplit('.')
+                        .next()
+                        .map(|s| s.trim_matches('"'))
+                        .map(str::to_lowercase)
+                        .as_deref()
+        })
+        .map(|(_, col)| col.clone());
+    if let Some((col, lo, hi)) = best {
+        let info = table.column(&col).ok_or_else(|| PassReason::new("split", "column"))?;
+        return index_split(table, info, lo, hi, limit, by_size, false);
+    }
+    if let Some(col) = configured {
+        let info = table.column(&col).ok_or_else(|| {
+            PassReason::new("split", format!("configured split column {col} not found"))
+        })?;
+        return index_split(table, info, None, None, limit, by_size, true);
+    }
+    let n = by_size(table.blocks).min(limit);
+    if n < 2 {
+        return Err(PassReason::new(
+            "small_table",
+            format!(
+                "table has {} pages, below 2 x min_fragment_pages ({})",
+                table.blocks, cfg.min_fragment_pages
+            ),
+        ));
+    }
+    let per = table.blocks.div_ceil(n as u64);
+    Ok(SplitStrategy::Ctid {
+        starts: (0..n as u64).map(|i| i * per).collect(),
+    })
+}
+
+fn index_split(
+    table: &TableInfo,
+    info: &super::ColumnInfo,
+    lo: Option<String>,
+    hi: Option<String>,
+    limit: usize,
+    by_size: impl Fn(u64) -> usize,
+    configured: bool,
+) -> Result<SplitStrategy, PassReason> {
+    let hist = &info.histogram;
+    if hist.len() < 3 {
+        return Err(PassReason::new(
+            "no_statistics",
+            format!("no histogram for {} (run ANALYZE)", info.name),
+        ));
+    }
+    let key = |s: &str| sort_key(info.type_oid, s);
+    let lo_k = lo.as_deref().and_then(key);
+    let hi_k = hi.as_deref().and_then(key);
+    let inside: Vec<&String> = hist
+        .iter()
+        .filter(|h| {
+            let Some(k) = key(h) else { return false };
+            lo_k.as_ref().is_none_or(|l| k.partial_cmp(l) == Some(std::cmp::Ordering::Greater))
+                && hi_k.as_ref().is_none_or(|u| k.partial_cmp(u) == Some(std::cmp::Ordering::Less))
+        })
+        .collect();
+    let buckets = (hist.len() - 1) as f64;
+    let fraction = ((inside.len() as f64 + 1.0) / buckets).min(1.0) * (1.0 - info.null_frac);
+    let pages = (table.blocks as f64 * fraction) as u64;
+    let n = by_size(pages).min(limit).min(inside.len() + 1);
+    if n < 2 {
+        return Err(PassReason::new(
+            "selective",
+            format!(
+                "the WHERE range on {} covers about {pages} pages, too few to split",
+                info.name
+            ),
+        ));
+    }
+    // n - 1 cut points spread evenly over the histogram values inside the range
+    let mut cuts: Vec<String> = Vec::new();
+    for i in 1..n {
+        let idx = i * inside.len() / n;
+        if let Some(v) = inside.get(idx) {
+            if cuts.last() != Some(*v) {
+                cuts.push((*v).clone());
+            }
+        }
+    }
+    Ok(SplitStrategy::IndexRange {
+        column: info.name.clone(),
+        type_name: info.type_name.clone(),
+        cuts,
+        // stale statistics must not lose rows: an unbounded range always takes NULLs
+        nulls: lo.is_none() && hi.is_none(),
+        configured,
+    })
+}

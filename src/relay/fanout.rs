@@ -1,0 +1,746 @@
+//! Runs one fanned-out statement for a session: plan it, probe the session (snapshot,
+//! settings, whether its transaction has written), dispatch the fragments, merge, and write
+//! the result to the client in the protocol the client used.
+//!
+//! Until the first byte reaches the client, any surprise falls back to pass-through, so the
+//! client gets PostgreSQL's own answer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, info};
+
+use crate::backends::pool::{decode_text_row, FragmentPools, LoginKey};
+use crate::config::Config;
+use crate::dispatch::{self, FragmentEvent, FragmentJob};
+use crate::merge::{row_description_types, Concat, ConcatStep, PartialRows};
+use crate::plan::{self, CatalogCache, CombineSpec, MergeSpec, Route, TableInfo};
+use crate::protocol::{self, BindParams};
+
+/// Partial rows beyond this many bytes make a combine fall back to pass-through.
+const MAX_PARTIAL_BYTES: usize = 256 << 20;
+
+static QUERY_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Everything a session needs to fan statements out.
+pub struct FanoutEnv {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Fragment pools.
+    pub pools: Arc<FragmentPools>,
+    /// Catalog cache.
+    pub catalog: Arc<CatalogCache>,
+}
+
+/// The statement to run, as the client sent it.
+pub enum Request {
+    /// A simple Query.
+    Simple,
+    /// An Execute of a bound portal.
+    Extended {
+        /// Parameter types of the client's Parse.
+        param_types: Vec<u32>,
+        /// The client's Bind.
+        params: BindParams,
+    },
+}
+
+/// How the fan-out attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was sent: relay the statement to the primary as usual.
+    PassThrough,
+    /// The statement was answered; for a simple Query, with this ReadyForQuery status.
+    Done(Option<u8>),
+    /// The client went away.
+    ClientGone,
+    /// The primary connection failed.
+    BackendGone,
+}
+
+/// The session's primary connection, shared with the relay.
+pub struct Pinned<'a, R, W> {
+    /// Read half.
+    pub rd: &'a mut R,
+    /// Write half.
+    pub wr: &'a mut W,
+    /// Bytes read and not yet handled.
+    pub buf: &'a mut BytesMut,
+}
+
+/// What the session probe found.
+struct Probe {
+    row_description: Option<BytesMut>,
+    clean: bool,
+    isolation: String,
+    oid: u32,
+    snapshot: String,
+    settings: Vec<(&'static str, String)>,
+}
+
+const SETTINGS: &[&str] = &[
+    "TimeZone",
+    "DateStyle",
+    "IntervalStyle",
+    "extra_float_digits",
+    "bytea_output",
+    "search_path",
+    "client_encoding",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+];
+
+enum Fail {
+    Client,
+    Backend,
+}
+
+async fn write_client<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), Fail> {
+    w.write_all(b).await.map_err(|_| Fail::Client)
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Pinned<'_, R, W> {
+    async fn send(&mut self, b: &[u8]) -> Result<(), Fail> {
+        self.wr.write_all(b).await.map_err(|_| Fail::Backend)?;
+        self.wr.flush().await.map_err(|_| Fail::Backend)
+    }
+
+    /// Next message that is not asynchronous; notices, notifications and parameter
+    /// changes go to the client as they come.
+    async fn next<C: AsyncWrite + Unpin>(&mut self, client: &mut C) -> Result<(u8, BytesMut), Fail> {
+        loop {
+            let (tag, body) = protocol::read_message(self.rd, self.buf)
+                .await
+                .map_err(|_| Fail::Backend)?;
+            match tag {
+                b'N' | b'A' | b'S' => {
+                    let mut m = BytesMut::new();
+                    protocol::put_message(&mut m, tag, &body);
+                    write_client(client, &m).await?;
+                }
+                _ => return Ok((tag, body)),
+            }
+        }
+    }
+
+    /// Sends Sync and returns the ReadyForQuery status.
+    async fn sync<C: AsyncWrite + Unpin>(&mut self, client: &mut C) -> Result<u8, Fail> {
+        let mut m = BytesMut::new();
+        protocol::put_empty(&mut m, b'S');
+        self.send(&m).await?;
+        loop {
+            let (tag, body) = self.next(client).await?;
+            if tag == b'Z' {
+                return Ok(body.first().copied().unwrap_or(b'I'));
+            }
+        }
+    }
+}
+
+/// Runs `candidate` for the session if it fans out.
+#[allow(clippy::too_many_arguments)]
+pub async fn execute<R, W, C>(
+    env: &FanoutEnv,
+    session_id: u64,
+    login: &LoginKey,
+    status: u8,
+    candidate: &plan::Candidate,
+    sql: &str,
+    request: Request,
+    pinned: &mut Pinned<'_, R, W>,
+    client: &mut C,
+) -> Outcome
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    let query_id = QUERY_IDS.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    let result = run(
+        env, session_id, query_id, login, status, candidate, sql, &request, pinned, client,
+    )
+    .await;
+    let outcome = match result {
+        Ok(o) => o,
+        Err(Fail::Client) => Outcome::ClientGone,
+        Err(Fail::Backend) => Outcome::BackendGone,
+    };
+    if let Outcome::Done(_) = outcome {
+        metrics::counter!(crate::metrics::QUERIES_TOTAL, "route" => crate::metrics::ROUTE_FANOUT)
+            .increment(1);
+        metrics::histogram!(crate::metrics::QUERY_DURATION, "route" => crate::metrics::ROUTE_FANOUT)
+            .record(start.elapsed().as_secs_f64());
+    }
+    let _ = client.flush().await;
+    outcome
+}
+
+fn passthrough(session_id: u64, query_id: u64, reason: &plan::PassReason) -> Outcome {
+    debug!(session = session_id, query = query_id, reason = %reason, "pass-through");
+    metrics::counter!(crate::metrics::PASSTHROUGH_REASONS, "reason" => reason.label).increment(1);
+    Outcome::PassThrough
+}
+
+async fn table_info(
+    env: &FanoutEnv,
+    login: &LoginKey,
+    table: &str,
+) -> Result<Option<Arc<TableInfo>>, String> {
+    if let Some(hit) = env.catalog.get(&login.1, table) {
+        return Ok(hit);
+    }
+    let mut conn = env
+        .pools
+        .primary()
+        .acquire(login)
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = plan::catalog::load_table(&mut conn, table)
+        .await?
+        .map(Arc::new);
+    env.catalog.put(&login.1, table, info.clone());
+    Ok(info)
+}
+
+/// The plan with the backends each fragment would run on.
+pub async fn route_for(
+    env: &FanoutEnv,
+    login: &LoginKey,
+    status: u8,
+    candidate: &plan::Candidate,
+) -> (Route, Vec<usize>) {
+    if !env.config.fanout.enabled {
+        return (
+            Route::PassThrough(plan::PassReason::new("disabled", "fan-out is disabled")),
+            vec![],
+        );
+    }
+    match table_info(env, login, &candidate.table).await {
+        Ok(table) => route_with(env, status, candidate, table.as_deref()),
+        Err(e) => (
+            Route::PassThrough(plan::PassReason::new("catalog", format!("catalog: {e}"))),
+            vec![],
+        ),
+    }
+}
+
+/// The route from cached catalog facts only; `None` when the table is not cached.
+pub fn cached_route(
+    env: &FanoutEnv,
+    login: &LoginKey,
+    status: u8,
+    candidate: &plan::Candidate,
+) -> Option<Route> {
+    if !env.config.fanout.enabled {
+        return Some(Route::PassThrough(plan::PassReason::new(
+            "disabled",
+            "fan-out is disabled",
+        )));
+    }
+    let table = env.catalog.get(&login.1, &candidate.table)?;
+    Some(route_with(env, status, candidate, table.as_deref()).0)
+}
+
+fn route_with(
+    env: &FanoutEnv,
+    status: u8,
+    candidate: &plan::Candidate,
+    table: Option<&TableInfo>,
+) -> (Route, Vec<usize>) {
+    let Some(table) = table else {
+        return (
+            Route::PassThrough(plan::PassReason::new("unknown_table", "no such table")),
+            vec![],
+        );
+    };
+    // fragments import the session's snapshot, which only the primary can do
+    let _ = status;
+    let usable: Vec<usize> = vec![0];
+    let slots = usable
+        .iter()
+        .map(|i| env.pools.backends[*i].capacity())
+        .sum();
+    let route = plan::plan(candidate, table, &env.config.fanout, slots);
+    let n = match &route {
+        Route::FanOut(p) => p.fragments.len(),
+        Route::PassThrough(_) => 0,
+    };
+    let assignment = (0..n).map(|i| usable[i % usable.len()]).collect();
+    (route, assignment)
+}
+
+/// The EXPLAIN FANOUT lines of a route.
+pub fn explain_lines(env: &FanoutEnv, route: &Route, assignment: &[usize]) -> Vec<String> {
+    match route {
+        Route::PassThrough(r) => vec![format!("PassThrough: {r}")],
+        Route::FanOut(p) => {
+            let mut lines = vec![format!(
+                "FanOut: {} fragments, split {} on {}",
+                p.fragments.len(),
+                p.split.describe(),
+                p.table
+            )];
+            for (i, sql) in p.fragments.iter().enumerate() {
+                let backend = assignment
+                    .get(i)
+                    .map(|b| env.pools.backends[*b].config.name.as_str())
+                    .unwrap_or("?");
+                lines.push(format!("  Fragment {} on {backend}: {sql}", i + 1));
+            }
+            lines.push(format!("  {}", p.merge.describe()));
+            lines
+        }
+    }
+}
+
+/// Writes a one-column text result (`QUERY PLAN`) and its CommandComplete.
+pub fn put_text_result(out: &mut BytesMut, column: &str, lines: &[String], tag: &str) {
+    use bytes::BufMut;
+    let start = out.len();
+    out.put_u8(b'T');
+    out.put_i32(0);
+    out.put_i16(1);
+    protocol::put_cstr(out, column);
+    out.put_u32(0);
+    out.put_i16(0);
+    out.put_u32(25);
+    out.put_i16(-1);
+    out.put_i32(-1);
+    out.put_i16(0);
+    protocol::patch_len(out, start);
+    for l in lines {
+        let start = out.len();
+        out.put_u8(b'D');
+        out.put_i32(0);
+        out.put_i16(1);
+        out.put_i32(l.len() as i32);
+        out.put_slice(l.as_bytes());
+        protocol::patch_len(out, start);
+    }
+    protocol::put_command_complete(out, tag);
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run<R, W, C>(
+    env: &FanoutEnv,
+    session_id: u64,
+    query_id: u64,
+    login: &LoginKey,
+    status: u8,
+    candidate: &plan::Candidate,
+    sql: &str,
+    request: &Request,
+    pinned: &mut Pinned<'_, R, W>,
+    client: &mut C,
+) -> Result<Outcome, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    let simple = matches!(request, Request::Simple);
+    let (route, assignment) = route_for(env, login, status, candidate).await;
+    if candidate.explain {
+        let lines = explain_lines(env, &route, &assignment);
+        let mut out = BytesMut::new();
+        put_text_result(&mut out, "QUERY PLAN", &lines, "EXPLAIN");
+        protocol::put_ready_for_query(&mut out, status);
+        write_client(client, &out).await?;
+        return Ok(Outcome::Done(Some(status)));
+    }
+    let plan = match route {
+        Route::PassThrough(reason) => return Ok(passthrough(session_id, query_id, &reason)),
+        Route::FanOut(p) => p,
+    };
+
+    // probe the session: row description (simple protocol), snapshot, settings
+    let probe = probe(pinned, client, simple, sql, &candidate.table).await?;
+    let probe = match probe {
+        Ok(p) => p,
+        Err(error) => {
+            // PostgreSQL rejected the statement itself: that is the answer
+            let mut out = BytesMut::new();
+            protocol::put_message(&mut out, b'E', &error);
+            write_client(client, &out).await?;
+            let z = if simple { Some(pinned.sync(client).await?) } else { None };
+            if let Some(z) = z {
+                let mut out = BytesMut::new();
+                protocol::put_ready_for_query(&mut out, z);
+                write_client(client, &out).await?;
+            }
+            return Ok(Outcome::Done(z));
+        }
+    };
+    let reason = if !probe.clean {
+        Some(plan::PassReason::new("wrote", "the transaction has written"))
+    } else if probe.isolation == "serializable" {
+        Some(plan::PassReason::new("serializable", "SERIALIZABLE transaction"))
+    } else if probe.oid == 0 {
+        Some(plan::PassReason::new("unknown_table", "no such table in this session"))
+    } else if env.catalog.get(&login.1, &candidate.table).flatten().map(|t| t.oid) != Some(probe.oid) {
+        Some(plan::PassReason::new(
+            "search_path",
+            "the table name resolves differently in this session",
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        if simple {
+            pinned.sync(client).await?;
+        }
+        return Ok(passthrough(session_id, query_id, &reason));
+    }
+
+    let mut setup = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        plan::catalog::quote_literal(&probe.snapshot)
+    );
+    let sets: Vec<String> = probe
+        .settings
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "set_config({}, {}, true)",
+                plan::catalog::quote_literal(k),
+                plan::catalog::quote_literal(v)
+            )
+        })
+        .collect();
+    setup.push_str(&format!("; SELECT {}", sets.join(", ")));
+
+    let (param_types, params) = match request {
+        Request::Simple => (vec![], BindParams::default()),
+        Request::Extended {
+            param_types,
+            params,
+        } => (param_types.clone(), params.clone()),
+    };
+    let combine = matches!(plan.merge, MergeSpec::Combine(_));
+    let mut fragment_params = params.clone();
+    if combine {
+        fragment_params.result_formats = vec![1];
+    }
+    let jobs: Vec<FragmentJob> = plan
+        .fragments
+        .iter()
+        .enumerate()
+        .map(|(index, fsql)| FragmentJob {
+            index,
+            // replicas cannot import the primary's snapshot: the primary runs them all
+            backend: env.pools.primary().clone(),
+            setup: setup.clone(),
+            sql: fsql.clone(),
+            param_types: param_types.clone(),
+            params: fragment_params.clone(),
+        })
+        .collect();
+    let _ = assignment;
+    info!(
+        session = session_id,
+        query = query_id,
+        fragments = jobs.len(),
+        split = %plan.split.describe(),
+        table = %plan.table,
+        "fan-out"
+    );
+    let mut events = dispatch::run(jobs, login.clone(), query_id);
+    let total = plan.fragments.len();
+
+    match &plan.merge {
+        MergeSpec::Concat { limit, offset } => {
+            let mut concat = Concat::new(*limit, *offset);
+            let mut started = false;
+            let mut done = 0;
+            let mut out = BytesMut::new();
+            while done < total && !concat.full() {
+                let Some(ev) = events.recv().await else { break };
+                match ev {
+                    FragmentEvent::Described { .. } | FragmentEvent::Done { .. } => {
+                        if matches!(ev, FragmentEvent::Done { .. }) {
+                            done += 1;
+                        }
+                    }
+                    FragmentEvent::Row { message, .. } => {
+                        if !started {
+                            started = true;
+                            if simple {
+                                if let Some(rd) = &probe.row_description {
+                                    protocol::put_message(&mut out, b'T', rd);
+                                }
+                            }
+                        }
+                        match concat.next() {
+                            ConcatStep::Send => out.extend_from_slice(&message),
+                            ConcatStep::Skip => {}
+                            ConcatStep::Stop => break,
+                        }
+                        if out.len() >= 64 << 10 || events.is_empty() {
+                            write_client(client, &out).await?;
+                            client.flush().await.map_err(|_| Fail::Client)?;
+                            out.clear();
+                        }
+                    }
+                    FragmentEvent::Failed { error, cause, .. } => {
+                        debug!(session = session_id, query = query_id, cause = %cause, "fragment failed");
+                        if !started && out.is_empty() {
+                            drop(events);
+                            if simple {
+                                pinned.sync(client).await?;
+                            }
+                            return Ok(passthrough(
+                                session_id,
+                                query_id,
+                                &plan::PassReason::new("fragment_failed", cause),
+                            ));
+                        }
+                        write_client(client, &out).await?;
+                        out.clear();
+                        let mut e = match error {
+                            Some(b) => protocol::strip_error_position(&b),
+                            None => protocol::ErrorFields::error("08006", cause).to_bytes(),
+                        };
+                        if simple {
+                            let z = pinned.sync(client).await?;
+                            protocol::put_ready_for_query(&mut e, z);
+                            write_client(client, &e).await?;
+                            return Ok(Outcome::Done(Some(z)));
+                        }
+                        write_client(client, &e).await?;
+                        return Ok(Outcome::Done(None));
+                    }
+                }
+            }
+            drop(events);
+            if !started && simple {
+                if let Some(rd) = &probe.row_description {
+                    protocol::put_message(&mut out, b'T', rd);
+                }
+            }
+            protocol::put_command_complete(&mut out, &format!("SELECT {}", concat.sent));
+            let z = if simple {
+                let z = pinned.sync(client).await?;
+                protocol::put_ready_for_query(&mut out, z);
+                Some(z)
+            } else {
+                None
+            };
+            write_client(client, &out).await?;
+            Ok(Outcome::Done(z))
+        }
+        MergeSpec::Combine(spec) => {
+            let mut partial = PartialRows::default();
+            let mut done = 0;
+            let mut failure = None;
+            while done < total {
+                let Some(ev) = events.recv().await else { break };
+                match ev {
+                    FragmentEvent::Described { body, .. } => {
+                        if let Some(types) = row_description_types(&body) {
+                            partial.describe(types);
+                        }
+                    }
+                    FragmentEvent::Row { message, .. } => {
+                        if !partial.push(&message) || partial.bytes > MAX_PARTIAL_BYTES {
+                            failure = Some(plan::PassReason::new(
+                                "partial_rows",
+                                "partial rows too large or malformed",
+                            ));
+                            break;
+                        }
+                    }
+                    FragmentEvent::Done { .. } => done += 1,
+                    FragmentEvent::Failed { cause, .. } => {
+                        failure = Some(plan::PassReason::new("fragment_failed", cause));
+                        break;
+                    }
+                }
+            }
+            drop(events);
+            if done < total && failure.is_none() {
+                failure = Some(plan::PassReason::new("fragment_failed", "fragments ended early"));
+            }
+            let first_param = params.values.len() + 1;
+            let sql = match failure {
+                Some(f) => Err(f),
+                None => spec.combine_sql(&partial.types, first_param, &|agg| {
+                    var_input_is_float(spec, &partial, agg)
+                }),
+            };
+            let combine_sql = match sql {
+                Ok(s) => s,
+                Err(reason) => {
+                    if simple {
+                        pinned.sync(client).await?;
+                    }
+                    return Ok(passthrough(session_id, query_id, &reason));
+                }
+            };
+            debug!(session = session_id, query = query_id, sql = %combine_sql, "combine");
+            let arrays: Vec<Option<Bytes>> = (0..partial.types.len())
+                .map(|i| Some(partial.array(i)))
+                .collect();
+            let mut types = param_types.clone();
+            types.resize(params.values.len(), 0);
+            types.extend(std::iter::repeat_n(0, arrays.len()));
+            let result_formats = if simple {
+                vec![]
+            } else {
+                params.result_formats.clone()
+            };
+            let mut bind_params = params.clone();
+            bind_params.result_formats = vec![];
+            let mut m = BytesMut::new();
+            protocol::put_describe_or_close(&mut m, b'C', b'P', "pgfan_combine");
+            protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_combine");
+            protocol::put_parse(&mut m, "pgfan_combine", &combine_sql, &types);
+            protocol::put_bind(
+                &mut m,
+                "pgfan_combine",
+                "pgfan_combine",
+                &bind_params,
+                &arrays,
+                &result_formats,
+            );
+            protocol::put_execute(&mut m, "pgfan_combine");
+            protocol::put_describe_or_close(&mut m, b'C', b'P', "pgfan_combine");
+            protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_combine");
+            protocol::put_empty(&mut m, if simple { b'S' } else { b'H' });
+            pinned.send(&m).await?;
+            let mut out = BytesMut::new();
+            if simple {
+                if let Some(rd) = &probe.row_description {
+                    protocol::put_message(&mut out, b'T', rd);
+                }
+            }
+            let mut closes = 0;
+            loop {
+                let (tag, body) = pinned.next(client).await?;
+                match tag {
+                    b'D' | b'C' => {
+                        protocol::put_message(&mut out, tag, &body);
+                        if out.len() >= 64 << 10 {
+                            write_client(client, &out).await?;
+                            out.clear();
+                        }
+                    }
+                    b'E' => {
+                        out.extend_from_slice(&protocol::strip_error_position(&body));
+                        if !simple {
+                            break;
+                        }
+                    }
+                    b'3' => {
+                        closes += 1;
+                        if !simple && closes == 4 {
+                            break;
+                        }
+                    }
+                    b'Z' => {
+                        let z = body.first().copied().unwrap_or(b'I');
+                        protocol::put_ready_for_query(&mut out, z);
+                        write_client(client, &out).await?;
+                        return Ok(Outcome::Done(Some(z)));
+                    }
+                    _ => {}
+                }
+            }
+            write_client(client, &out).await?;
+            Ok(Outcome::Done(None))
+        }
+    }
+}
+
+/// Whether variance aggregate `agg` had float input (its type column holds a regtype).
+fn var_input_is_float(spec: &CombineSpec, partial: &PartialRows, agg: usize) -> bool {
+    let CombineSpec::Aggregate { keys, aggs, .. } = spec else {
+        return false;
+    };
+    let Some(a) = aggs.get(agg) else { return false };
+    let col = keys.len() + a.first + 3;
+    partial
+        .first_value(col)
+        .filter(|v| v.len() == 4)
+        .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+        .is_some_and(|oid| oid == 700 || oid == 701)
+}
+
+/// Sends the probe (and, for the simple protocol, Parse/Describe of the statement) on the
+/// session's connection without Sync, so the snapshot stays importable. `Ok(Err(body))` is
+/// PostgreSQL's error for the statement.
+async fn probe<R, W, C>(
+    pinned: &mut Pinned<'_, R, W>,
+    client: &mut C,
+    simple: bool,
+    sql: &str,
+    table: &str,
+) -> Result<Result<Probe, BytesMut>, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    let settings = SETTINGS
+        .iter()
+        .map(|s| format!("current_setting('{s}')"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let probe_sql = format!(
+        "SELECT pg_current_xact_id_if_assigned() IS NULL, current_setting('transaction_isolation'), \
+         coalesce(to_regclass({})::oid, 0), pg_export_snapshot(), {settings}",
+        plan::catalog::quote_literal(table)
+    );
+    let mut m = BytesMut::new();
+    let mut expected_closes = 4;
+    if simple {
+        protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_describe");
+        protocol::put_parse(&mut m, "pgfan_describe", sql.trim_end_matches([';', ' ', '\n']), &[]);
+        protocol::put_describe_or_close(&mut m, b'D', b'S', "pgfan_describe");
+        protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_describe");
+        expected_closes += 2;
+    }
+    protocol::put_describe_or_close(&mut m, b'C', b'P', "pgfan_probe");
+    protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_probe");
+    protocol::put_parse(&mut m, "pgfan_probe", &probe_sql, &[]);
+    protocol::put_bind(&mut m, "pgfan_probe", "pgfan_probe", &BindParams::default(), &[], &[]);
+    protocol::put_execute(&mut m, "pgfan_probe");
+    protocol::put_describe_or_close(&mut m, b'C', b'P', "pgfan_probe");
+    protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_probe");
+    protocol::put_empty(&mut m, b'H');
+    pinned.send(&m).await?;
+    let mut row_description = None;
+    let mut row = None;
+    let mut closes = 0;
+    while closes < expected_closes {
+        let (tag, body) = pinned.next(client).await?;
+        match tag {
+            b'T' if row_description.is_none() && simple => row_description = Some(body),
+            b'n' if simple => row_description = Some(BytesMut::from(&[0u8, 0][..])),
+            b'D' => row = Some(decode_text_row(&body)),
+            b'E' => return Ok(Err(body)),
+            b'3' => closes += 1,
+            _ => {}
+        }
+    }
+    let Some(row) = row else {
+        return Err(Fail::Backend);
+    };
+    let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    Ok(Ok(Probe {
+        row_description,
+        clean: text(0) == "t",
+        isolation: text(1),
+        oid: text(2).parse().unwrap_or(0),
+        snapshot: text(3),
+        settings: SETTINGS
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, text(4 + i)))
+            .collect(),
+    }))
+}
