@@ -129,7 +129,8 @@ async fn run_one(
     while ready < 3 {
         let (tag, body) = conn.next().await.map_err(|e| e.to_string())?;
         match tag {
-            b'T' if error.is_none() => {
+            // ready == 1: past the setup query, inside the fragment's own reply
+            b'T' if error.is_none() && ready == 1 => {
                 tx.send(FragmentEvent::Described {
                     index,
                     body: body.freeze(),
@@ -137,7 +138,7 @@ async fn run_one(
                 .await
                 .map_err(|_| "merge stopped".to_string())?;
             }
-            b'D' if error.is_none() => {
+            b'D' if error.is_none() && ready == 1 => {
                 let mut message = BytesMut::with_capacity(body.len() + 5);
                 protocol::put_message(&mut message, b'D', &body);
                 tx.send(FragmentEvent::Row {
