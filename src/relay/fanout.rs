@@ -78,7 +78,62 @@ struct Probe {
     isolation: String,
     oid: u32,
     snapshot: String,
+    /// The primary's WAL position when the snapshot was taken.
+    lsn: Option<u64>,
     settings: Vec<(&'static str, String)>,
+}
+
+/// Parses a `pg_lsn` text (`16/B374D848`) into a byte position.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// A replica that exported a snapshot for one query; its transaction stays open until the
+/// query's fragments have imported it.
+struct ReplicaSnapshot {
+    conn: crate::backends::pool::PooledConnection,
+    snapshot: String,
+}
+
+/// Opens a snapshot on every replica within `max_lag` bytes of the primary's `lsn`.
+async fn replica_snapshots(
+    env: &FanoutEnv,
+    login: &LoginKey,
+    lsn: Option<u64>,
+    session_id: u64,
+) -> Vec<ReplicaSnapshot> {
+    let Some(primary_lsn) = lsn else { return vec![] };
+    let mut out = Vec::new();
+    for pool in env.pools.backends.iter().skip(1) {
+        let Ok(mut conn) = pool.acquire(login).await else {
+            continue;
+        };
+        let rows = conn
+            .simple_query(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                 SELECT pg_export_snapshot(), pg_last_wal_replay_lsn()::text",
+            )
+            .await;
+        let Ok(rows) = rows else {
+            conn.broken = true;
+            continue;
+        };
+        let row = rows.first().cloned().unwrap_or_default();
+        let snapshot = row.first().cloned().flatten();
+        let replayed = row.get(1).cloned().flatten().and_then(|l| parse_lsn(&l));
+        let lag = replayed.map(|r| primary_lsn.saturating_sub(r));
+        match (snapshot, lag) {
+            (Some(snapshot), Some(lag)) if lag <= env.config.fanout.max_replica_lag_bytes => {
+                out.push(ReplicaSnapshot { conn, snapshot })
+            }
+            _ => {
+                debug!(session = session_id, backend = %pool.config.name, ?lag, "replica left out");
+                let _ = conn.simple_query("ROLLBACK").await;
+            }
+        }
+    }
+    out
 }
 
 const SETTINGS: &[&str] = &[
@@ -258,9 +313,14 @@ fn route_with(
             vec![],
         );
     };
-    // fragments import the session's snapshot, which only the primary can do
-    let _ = status;
-    let usable: Vec<usize> = vec![0];
+    // inside a transaction block fragments import the session's snapshot: primary only
+    let usable: Vec<usize> = env
+        .pools
+        .backends
+        .iter()
+        .filter(|b| b.index == 0 || status == b'I')
+        .map(|b| b.index)
+        .collect();
     let slots = usable
         .iter()
         .map(|i| env.pools.backends[*i].capacity())
@@ -397,10 +457,6 @@ where
         return Ok(passthrough(session_id, query_id, &reason));
     }
 
-    let mut setup = format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-        plan::catalog::quote_literal(&probe.snapshot)
-    );
     let sets: Vec<String> = probe
         .settings
         .iter()
@@ -412,7 +468,27 @@ where
             )
         })
         .collect();
-    setup.push_str(&format!("; SELECT {}", sets.join(", ")));
+    let setup_for = |snapshot: &str| {
+        format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; SELECT {}",
+            plan::catalog::quote_literal(snapshot),
+            sets.join(", ")
+        )
+    };
+    // replicas take part only outside a transaction block (they cannot import the
+    // session's snapshot), each with its own snapshot, within the configured lag
+    let replicas = if status == b'I' && env.pools.backends.len() > 1 {
+        replica_snapshots(env, login, probe.lsn, session_id).await
+    } else {
+        vec![]
+    };
+    let mut servers = vec![(env.pools.primary().clone(), setup_for(&probe.snapshot))];
+    for r in &replicas {
+        servers.push((
+            env.pools.backends[r.conn.backend().index].clone(),
+            setup_for(&r.snapshot),
+        ));
+    }
 
     let (param_types, params) = match request {
         Request::Simple => (vec![], BindParams::default()),
@@ -432,9 +508,8 @@ where
         .enumerate()
         .map(|(index, fsql)| FragmentJob {
             index,
-            // replicas cannot import the primary's snapshot: the primary runs them all
-            backend: env.pools.primary().clone(),
-            setup: setup.clone(),
+            backend: servers[index % servers.len()].0.clone(),
+            setup: servers[index % servers.len()].1.clone(),
             sql: fsql.clone(),
             param_types: param_types.clone(),
             params: fragment_params.clone(),
@@ -451,6 +526,8 @@ where
     );
     let mut events = dispatch::run(jobs, login.clone(), query_id);
     let total = plan.fragments.len();
+    // the exporting transactions end once the merge is over
+    let _replicas = ReleaseOnDrop(replicas);
 
     match &plan.merge {
         MergeSpec::Concat { limit, offset } => {
@@ -656,6 +733,19 @@ where
     }
 }
 
+/// Ends the replicas' exporting transactions when the query is over.
+struct ReleaseOnDrop(Vec<ReplicaSnapshot>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        for mut r in self.0.drain(..) {
+            tokio::spawn(async move {
+                let _ = r.conn.simple_query("ROLLBACK").await;
+            });
+        }
+    }
+}
+
 /// Whether variance aggregate `agg` had float input (its type column holds a regtype).
 fn var_input_is_float(spec: &CombineSpec, partial: &PartialRows, agg: usize) -> bool {
     let CombineSpec::Aggregate { keys, aggs, .. } = spec else {
@@ -692,7 +782,7 @@ where
         .join(", ");
     let probe_sql = format!(
         "SELECT pg_current_xact_id_if_assigned() IS NULL, current_setting('transaction_isolation'), \
-         coalesce(to_regclass({})::oid, 0), pg_export_snapshot(), {settings}",
+         coalesce(to_regclass({})::oid, 0), pg_export_snapshot(), pg_current_wal_lsn()::text, {settings}",
         plan::catalog::quote_literal(table)
     );
     let mut m = BytesMut::new();
@@ -737,10 +827,11 @@ where
         isolation: text(1),
         oid: text(2).parse().unwrap_or(0),
         snapshot: text(3),
+        lsn: parse_lsn(&text(4)),
         settings: SETTINGS
             .iter()
             .enumerate()
-            .map(|(i, s)| (*s, text(4 + i)))
+            .map(|(i, s)| (*s, text(5 + i)))
             .collect(),
     }))
 }
