@@ -196,6 +196,12 @@ impl Tracker<'_> {
             (b'C' | b'I' | b's', Some(b'E')) => {
                 self.expect.pop_front();
             }
+            (b'G', Some(b'E')) => {
+                // copy-in mode ignores the Syncs already sent behind the Execute
+                while self.expect.get(1) == Some(&b'S') {
+                    self.expect.remove(1);
+                }
+            }
             (b'E', Some(b'P' | b'B' | b'D' | b'C' | b'E')) => {
                 // the backend skips the rest of the batch
                 while matches!(self.expect.front(), Some(b'P' | b'B' | b'D' | b'C' | b'E')) {
