@@ -389,7 +389,8 @@ impl<'a> Reader<'a> {
 
     /// A big-endian i32.
     pub fn i32(&mut self) -> Option<i32> {
-        self.take(4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// A big-endian u32.

@@ -46,7 +46,9 @@ impl PooledConnection {
     /// The connection.
     pub fn conn(&mut self) -> &mut BackendConnection {
         // invariant: conn is Some until drop
-        self.conn.as_mut().expect("pooled connection present until drop")
+        self.conn
+            .as_mut()
+            .expect("pooled connection present until drop")
     }
 
     /// The backend this connection belongs to.
@@ -63,7 +65,10 @@ impl PooledConnection {
 
     /// Reads the next whole message.
     pub async fn next(&mut self) -> std::io::Result<(u8, BytesMut)> {
-        let conn = self.conn.as_mut().expect("pooled connection present until drop");
+        let conn = self
+            .conn
+            .as_mut()
+            .expect("pooled connection present until drop");
         protocol::read_message(&mut conn.stream, &mut self.buf).await
     }
 
@@ -157,7 +162,10 @@ impl BackendPool {
 
     /// Checks out a connection logged in as `key`, opening one if none is idle; waits while
     /// the pool is at its size.
-    pub async fn acquire(self: &Arc<Self>, key: &LoginKey) -> Result<PooledConnection, ConnectError> {
+    pub async fn acquire(
+        self: &Arc<Self>,
+        key: &LoginKey,
+    ) -> Result<PooledConnection, ConnectError> {
         let permit = self
             .permits
             .clone()
@@ -238,7 +246,12 @@ impl FragmentPools {
             .iter()
             .filter(|b| b.role == BackendRole::Primary)
             .collect();
-        ordered.extend(config.backends.iter().filter(|b| b.role != BackendRole::Primary));
+        ordered.extend(
+            config
+                .backends
+                .iter()
+                .filter(|b| b.role != BackendRole::Primary),
+        );
         let backends = ordered
             .into_iter()
             .enumerate()

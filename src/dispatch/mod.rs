@@ -66,7 +66,11 @@ pub enum FragmentEvent {
 }
 
 /// Starts every job and returns the stream of their events.
-pub fn run(jobs: Vec<FragmentJob>, login: LoginKey, query_id: u64) -> mpsc::Receiver<FragmentEvent> {
+pub fn run(
+    jobs: Vec<FragmentJob>,
+    login: LoginKey,
+    query_id: u64,
+) -> mpsc::Receiver<FragmentEvent> {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     for job in jobs {
         let tx = tx.clone();
@@ -118,7 +122,14 @@ async fn run_one(
     let mut out = BytesMut::new();
     protocol::put_query(&mut out, &job.setup);
     protocol::put_parse(&mut out, "", &job.sql, &job.param_types);
-    protocol::put_bind(&mut out, "", "", &job.params, &[], &job.params.result_formats);
+    protocol::put_bind(
+        &mut out,
+        "",
+        "",
+        &job.params,
+        &[],
+        &job.params.result_formats,
+    );
     protocol::put_describe_or_close(&mut out, b'D', b'P', "");
     protocol::put_execute(&mut out, "");
     protocol::put_empty(&mut out, b'S');

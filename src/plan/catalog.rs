@@ -27,6 +27,12 @@ pub struct ColumnInfo {
     pub histogram: Vec<String>,
     /// `pg_stats.null_frac`.
     pub null_frac: f64,
+    /// `pg_stats.most_common_vals` as text values.
+    pub common_values: Vec<String>,
+    /// `pg_stats.most_common_freqs`.
+    pub common_freqs: Vec<f64>,
+    /// `pg_stats.n_distinct` (negative: a fraction of the rows).
+    pub n_distinct: f64,
 }
 
 /// What the planner knows about one table.
@@ -136,7 +142,8 @@ pub async fn load_table(
              EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam \
                      WHERE i.indrelid = a.attrelid AND i.indkey[0] = a.attnum AND i.indisvalid \
                      AND am.amname = 'btree' AND i.indpred IS NULL AND i.indexprs IS NULL), \
-             s.histogram_bounds::text, coalesce(s.null_frac, 0) \
+             s.histogram_bounds::text, coalesce(s.null_frac, 0), s.most_common_vals::text, \
+             s.most_common_freqs::text, coalesce(s.n_distinct, 0) \
              FROM pg_attribute a \
              LEFT JOIN pg_collation co ON co.oid = a.attcollation \
              LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace \
@@ -157,6 +164,14 @@ pub async fn load_table(
             indexed: text(5).as_deref() == Some("t"),
             histogram: text(6).map(|h| parse_array_text(&h)).unwrap_or_default(),
             null_frac: text(7).and_then(|s| s.parse().ok()).unwrap_or(0.0),
+            common_values: text(8).map(|h| parse_array_text(&h)).unwrap_or_default(),
+            common_freqs: text(9)
+                .map(|h| parse_array_text(&h))
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|f| f.parse().ok())
+                .collect(),
+            n_distinct: text(10).and_then(|s| s.parse().ok()).unwrap_or(0.0),
         });
     }
     Ok(Some(info))

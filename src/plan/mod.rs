@@ -89,14 +89,69 @@ pub struct Candidate {
 /// Functions that are immutable (or depend only on settings pgfan copies to fragments), so
 /// every fragment computes them as the primary would.
 const SAFE_FUNCTIONS: &[&str] = &[
-    "abs", "ceil", "ceiling", "floor", "round", "trunc", "sign", "sqrt", "cbrt", "exp", "ln",
-    "log", "log10", "power", "pow", "mod", "div", "greatest", "least", "coalesce", "nullif",
-    "lower", "upper", "length", "char_length", "character_length", "octet_length", "substr",
-    "substring", "left", "right", "btrim", "ltrim", "rtrim", "trim", "replace", "concat",
-    "concat_ws", "split_part", "strpos", "starts_with", "md5", "date_trunc", "date_part",
-    "extract", "to_char", "make_date", "width_bucket", "isfinite", "initcap", "reverse",
-    "repeat", "lpad", "rpad", "array_length", "cardinality", "num_nonnulls", "num_nulls",
-    "float8", "int4", "int8", "numeric", "text",
+    "abs",
+    "ceil",
+    "ceiling",
+    "floor",
+    "round",
+    "trunc",
+    "sign",
+    "sqrt",
+    "cbrt",
+    "exp",
+    "ln",
+    "log",
+    "log10",
+    "power",
+    "pow",
+    "mod",
+    "div",
+    "greatest",
+    "least",
+    "coalesce",
+    "nullif",
+    "lower",
+    "upper",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "substr",
+    "substring",
+    "left",
+    "right",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "trim",
+    "replace",
+    "concat",
+    "concat_ws",
+    "split_part",
+    "strpos",
+    "starts_with",
+    "md5",
+    "date_trunc",
+    "date_part",
+    "extract",
+    "to_char",
+    "make_date",
+    "width_bucket",
+    "isfinite",
+    "initcap",
+    "reverse",
+    "repeat",
+    "lpad",
+    "rpad",
+    "array_length",
+    "cardinality",
+    "num_nonnulls",
+    "num_nulls",
+    "float8",
+    "int4",
+    "int8",
+    "numeric",
+    "text",
 ];
 
 /// Aggregates pgfan can split into partial and combine steps.
@@ -169,14 +224,23 @@ pub fn worth_parsing(sql: &str) -> bool {
     head.starts_with("select") || head.starts_with("explain fanout")
 }
 
+/// True for `EXPLAIN FANOUT …`.
+pub fn is_explain_fanout(sql: &str) -> bool {
+    skip_space_and_comments(sql)
+        .get(..14)
+        .is_some_and(|h| h.eq_ignore_ascii_case("explain fanout"))
+}
+
 /// True if the statement changes the catalog or its statistics (the catalog cache of the
 /// database is dropped).
 pub fn changes_catalog(sql: &str) -> bool {
     let t = skip_space_and_comments(sql);
     let head: String = t.chars().take(9).collect::<String>().to_ascii_lowercase();
-    ["create", "alter", "drop", "truncate", "analyze", "vacuum", "cluster", "reindex"]
-        .iter()
-        .any(|k| head.starts_with(k))
+    [
+        "create", "alter", "drop", "truncate", "analyze", "vacuum", "cluster", "reindex",
+    ]
+    .iter()
+    .any(|k| head.starts_with(k))
 }
 
 /// True if the statement opens a savepoint (a subtransaction cannot export a snapshot).

@@ -9,10 +9,10 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, Distinct, Expr, Function, FunctionArg, FunctionArgExpr,
-    FunctionArgumentList, FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName,
-    ObjectNamePart, OrderByExpr, OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr,
-    TableFactor, Value, VisitMut, VisitorMut,
+    BinaryOperator, Distinct, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
+    FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName, ObjectNamePart, OrderByExpr,
+    OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr, TableFactor, Value, VisitMut,
+    VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -50,7 +50,7 @@ impl AggKind {
     pub fn partial_columns(self) -> usize {
         match self {
             AggKind::Avg => 2,
-            AggKind::Var { .. } => 4,
+            AggKind::Var { .. } => 6,
             _ => 1,
         }
     }
@@ -285,9 +285,16 @@ fn derive_collation(e: &Expr, table: &TableInfo, qualifiers: &[String]) -> Optio
         fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
             let found = match e {
                 Expr::Collate { collation, .. } => Some(collation.to_string()),
-                Expr::Identifier(i) => self.table.column(&fold(i)).and_then(|c| c.collation.clone()),
-                Expr::CompoundIdentifier(p) if p.len() == 2 && self.qualifiers.contains(&fold(&p[0])) => {
-                    self.table.column(&fold(&p[1])).and_then(|c| c.collation.clone())
+                Expr::Identifier(i) => self
+                    .table
+                    .column(&fold(i))
+                    .and_then(|c| c.collation.clone()),
+                Expr::CompoundIdentifier(p)
+                    if p.len() == 2 && self.qualifiers.contains(&fold(&p[0])) =>
+                {
+                    self.table
+                        .column(&fold(&p[1]))
+                        .and_then(|c| c.collation.clone())
                 }
                 _ => None,
             };
@@ -384,7 +391,10 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
             let _ = e.visit(&mut check);
         }
     });
-    for e in [&mut probe.selection, &mut probe.having].into_iter().flatten() {
+    for e in [&mut probe.selection, &mut probe.having]
+        .into_iter()
+        .flatten()
+    {
         let _ = e.visit(&mut check);
     }
     if let GroupByExpr::Expressions(g, _) = &probe.group_by {
@@ -430,11 +440,12 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
     if has_aggs || !group_by.is_empty() || distinct || s.having.is_some() {
         return aggregate_shape(c, table, s, &group_by, &order, limit, offset, distinct);
     }
-    if s
-        .projection
-        .iter()
-        .any(|i| matches!(i, SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)))
-        && order.iter().any(|o| is_position(&o.expr))
+    if s.projection.iter().any(|i| {
+        matches!(
+            i,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+        )
+    }) && order.iter().any(|o| is_position(&o.expr))
     {
         return Err(pass("unsupported_shape", "ORDER BY position with *"));
     }
@@ -486,7 +497,10 @@ fn topn_shape(
         });
     }
     fragment.limit_clause = Some(LimitClause::LimitOffset {
-        limit: Some(Expr::value(Value::Number((limit + offset).to_string(), false))),
+        limit: Some(Expr::value(Value::Number(
+            (limit + offset).to_string(),
+            false,
+        ))),
         offset: None,
         limit_by: vec![],
     });
@@ -541,8 +555,8 @@ impl FinalRewrite<'_> {
             return Ok(*i);
         }
         let name = function_name(&f.name).unwrap_or_default();
-        let kind = aggregate_kind(&name)
-            .ok_or_else(|| pass("aggregate", format!("aggregate {name}")))?;
+        let kind =
+            aggregate_kind(&name).ok_or_else(|| pass("aggregate", format!("aggregate {name}")))?;
         let arg = match &f.args {
             FunctionArguments::List(l) => match l.args.as_slice() {
                 [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => Some(e.clone()),
@@ -598,8 +612,14 @@ impl FinalRewrite<'_> {
                 self.partials.push(call("count", Some(x.clone())));
                 self.partials.push(call("sum", Some(xn)));
                 self.partials.push(call("sum", Some(sq)));
-                let min = call("min", Some(x));
+                let min = call("min", Some(x.clone()));
                 self.partials.push(parse(format!("pg_typeof({min})"))?);
+                // float input: PostgreSQL's own per-fragment sum of squared deviations
+                let var = call("var_pop", Some(parse(format!("({x})::float8"))?));
+                let cnt = call("count", Some(x.clone()));
+                self.partials.push(parse(format!("{var} * {cnt}"))?);
+                self.partials
+                    .push(call("sum", Some(parse(format!("({x})::float8"))?)));
             }
         }
         let i = self.aggs.len();
@@ -654,10 +674,7 @@ fn aggregate_shape(
     offset: u64,
     distinct: bool,
 ) -> Result<Shape, PassReason> {
-    let has_wildcard = s
-        .projection
-        .iter()
-        .any(|i| item_expr(i).is_none());
+    let has_wildcard = s.projection.iter().any(|i| item_expr(i).is_none());
     if has_wildcard {
         return Err(pass("unsupported_shape", "* with GROUP BY or DISTINCT"));
     }
@@ -775,7 +792,9 @@ fn aggregate_shape(
     cs.having = having;
     cs.selection = None;
     cs.group_by = GroupByExpr::Expressions(
-        (0..keys.len()).map(|i| ident(&format!("pgfan_k{i}"))).collect(),
+        (0..keys.len())
+            .map(|i| ident(&format!("pgfan_k{i}")))
+            .collect(),
         vec![],
     );
     if let Some(twj) = cs.from.first_mut() {
@@ -854,9 +873,11 @@ impl CombineSpec {
     ) -> Result<String, PassReason> {
         let mut names = Vec::with_capacity(types.len());
         for t in types {
-            names.push(type_name(*t).ok_or_else(|| {
-                pass("partial_type", format!("partial column of type oid {t}"))
-            })?);
+            names.push(
+                type_name(*t).ok_or_else(|| {
+                    pass("partial_type", format!("partial column of type oid {t}"))
+                })?,
+            );
         }
         let unnest_args = names
             .iter()
@@ -952,10 +973,7 @@ impl CombineSpec {
                                 col(1)
                             ),
                             other => {
-                                return Err(pass(
-                                    "partial_type",
-                                    format!("avg over {other} input"),
-                                ))
+                                return Err(pass("partial_type", format!("avg over {other} input")))
                             }
                         },
                         AggKind::Var { sample, stddev } => {
@@ -972,14 +990,28 @@ impl CombineSpec {
                                 "(CASE WHEN {num} <= 0 THEN 0::numeric ELSE {num} / {den} END)"
                             );
                             let min_n = if sample { 1 } else { 0 };
-                            let float = var_float(i);
-                            let value = match (stddev, float) {
+                            // float input: combine the fragments' sums of squared
+                            // deviations (Chan et al.), as PostgreSQL's parallel plans do
+                            let sxx = format!(
+                                "(sum({m}::numeric) + sum({s1}::numeric * {s1}::numeric / {c0}) - {sf} * {sf} / {n})",
+                                m = col(4),
+                                s1 = col(5),
+                                c0 = col(0),
+                                sf = format_args!("sum({}::numeric)", col(5)),
+                            );
+                            let den_f = if sample {
+                                format!("({n} - 1)")
+                            } else {
+                                n.clone()
+                            };
+                            let fvar = format!("({sxx} / {den_f})::double precision");
+                            let value = match (stddev, var_float(i)) {
                                 (false, false) => var,
-                                (false, true) => format!("{var}::double precision"),
+                                (false, true) => fvar,
                                 (true, false) => format!(
                                     "(CASE WHEN {var} = 'NaN' THEN {var} ELSE round(sqrt({var}), scale({var})) END)"
                                 ),
-                                (true, true) => format!("sqrt({var})::double precision"),
+                                (true, true) => format!("sqrt({fvar})"),
                             };
                             format!(
                                 "(CASE WHEN coalesce({n}, 0) <= {min_n} THEN NULL ELSE {value} END)"

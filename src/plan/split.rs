@@ -50,9 +50,7 @@ impl SplitStrategy {
             SplitStrategy::Ctid { starts } => (0..starts.len())
                 .map(|i| {
                     let lo = (i > 0).then(|| format!("ctid >= '({},0)'::tid", starts[i]));
-                    let hi = starts
-                        .get(i + 1)
-                        .map(|b| format!("ctid < '({b},0)'::tid"));
+                    let hi = starts.get(i + 1).map(|b| format!("ctid < '({b},0)'::tid"));
                     match (lo, hi) {
                         (Some(l), Some(h)) => format!("{l} AND {h}"),
                         (Some(l), None) => l,
@@ -148,7 +146,12 @@ fn column_of(e: &Expr, c: &Candidate) -> Option<String> {
 
 /// Collects range bounds on columns from the top-level AND conjuncts of the WHERE clause.
 /// Returns the bounds and the columns compared for equality.
-fn bounds(e: &Expr, c: &Candidate, out: &mut Vec<Bound>, points: &mut Vec<String>) {
+fn bounds(
+    e: &Expr,
+    c: &Candidate,
+    out: &mut Vec<Bound>,
+    points: &mut Vec<(String, Option<String>)>,
+) {
     match e {
         Expr::BinaryOp {
             left,
@@ -186,7 +189,7 @@ fn bounds(e: &Expr, c: &Candidate, out: &mut Vec<Bound>, points: &mut Vec<String
                 _ => return,
             };
             if op == BinaryOperator::Eq && (literal_text(val).is_some() || is_param(val)) {
-                points.push(col);
+                points.push((col, literal_text(val)));
                 return;
             }
             let v = literal_text(val);
@@ -223,11 +226,15 @@ pub fn choose(
             bounds(w, c, &mut found, &mut points);
         }
     }
-    for p in &points {
-        if table.column(p).is_some_and(|col| col.indexed) {
+    for (p, value) in &points {
+        let Some(col) = table.column(p).filter(|c| c.indexed) else {
+            continue;
+        };
+        let pages = (table.blocks as f64 * equality_fraction(col, table, value.as_deref())) as u64;
+        if by_size(pages) < 2 {
             return Err(PassReason::new(
                 "point_lookup",
-                format!("equality on indexed column {p}"),
+                format!("equality on indexed column {p} matches about {pages} pages"),
             ));
         }
     }
@@ -270,7 +277,9 @@ pub fn choose(
         })
         .map(|(_, col)| col.clone());
     if let Some((col, lo, hi)) = best {
-        let info = table.column(&col).ok_or_else(|| PassReason::new("split", "column"))?;
+        let info = table
+            .column(&col)
+            .ok_or_else(|| PassReason::new("split", "column"))?;
         return index_split(table, info, lo, hi, limit, by_size, false);
     }
     if let Some(col) = configured {
@@ -293,6 +302,31 @@ pub fn choose(
     Ok(SplitStrategy::Ctid {
         starts: (0..n as u64).map(|i| i * per).collect(),
     })
+}
+
+/// The fraction of rows `col = value` matches, from the most common values and n_distinct
+/// (`None`: a parameter, whose value is not known when planning).
+fn equality_fraction(col: &super::ColumnInfo, table: &TableInfo, value: Option<&str>) -> f64 {
+    if let Some(v) = value {
+        if let Some(i) = col.common_values.iter().position(|c| c == v) {
+            return col.common_freqs.get(i).copied().unwrap_or(1.0);
+        }
+    }
+    let distinct = if col.n_distinct < 0.0 {
+        -col.n_distinct * table.reltuples.max(1.0)
+    } else {
+        col.n_distinct
+    };
+    if distinct <= 0.0 {
+        // no statistics: assume a point lookup
+        return 0.0;
+    }
+    let common: f64 = col.common_freqs.iter().sum();
+    let rest = (distinct - col.common_values.len() as f64).max(1.0);
+    if value.is_none() {
+        return (1.0 / distinct).min(1.0);
+    }
+    ((1.0 - common - col.null_frac).max(0.0) / rest).min(1.0)
 }
 
 fn index_split(
@@ -318,8 +352,11 @@ fn index_split(
         .iter()
         .filter(|h| {
             let Some(k) = key(h) else { return false };
-            lo_k.as_ref().is_none_or(|l| k.partial_cmp(l) == Some(std::cmp::Ordering::Greater))
-                && hi_k.as_ref().is_none_or(|u| k.partial_cmp(u) == Some(std::cmp::Ordering::Less))
+            lo_k.as_ref()
+                .is_none_or(|l| k.partial_cmp(l) == Some(std::cmp::Ordering::Greater))
+                && hi_k
+                    .as_ref()
+                    .is_none_or(|u| k.partial_cmp(u) == Some(std::cmp::Ordering::Less))
         })
         .collect();
     let buckets = (hist.len() - 1) as f64;

@@ -103,7 +103,9 @@ async fn replica_snapshots(
     lsn: Option<u64>,
     session_id: u64,
 ) -> Vec<ReplicaSnapshot> {
-    let Some(primary_lsn) = lsn else { return vec![] };
+    let Some(primary_lsn) = lsn else {
+        return vec![];
+    };
     let mut out = Vec::new();
     for pool in env.pools.backends.iter().skip(1) {
         let Ok(mut conn) = pool.acquire(login).await else {
@@ -166,7 +168,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Pinned<'_, R, W> {
 
     /// Next message that is not asynchronous; notices, notifications and parameter
     /// changes go to the client as they come.
-    async fn next<C: AsyncWrite + Unpin>(&mut self, client: &mut C) -> Result<(u8, BytesMut), Fail> {
+    async fn next<C: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut C,
+    ) -> Result<(u8, BytesMut), Fail> {
         loop {
             let (tag, body) = protocol::read_message(self.rd, self.buf)
                 .await
@@ -427,7 +432,11 @@ where
             let mut out = BytesMut::new();
             protocol::put_message(&mut out, b'E', &error);
             write_client(client, &out).await?;
-            let z = if simple { Some(pinned.sync(client).await?) } else { None };
+            let z = if simple {
+                Some(pinned.sync(client).await?)
+            } else {
+                None
+            };
             if let Some(z) = z {
                 let mut out = BytesMut::new();
                 protocol::put_ready_for_query(&mut out, z);
@@ -437,12 +446,27 @@ where
         }
     };
     let reason = if !probe.clean {
-        Some(plan::PassReason::new("wrote", "the transaction has written"))
+        Some(plan::PassReason::new(
+            "wrote",
+            "the transaction has written",
+        ))
     } else if probe.isolation == "serializable" {
-        Some(plan::PassReason::new("serializable", "SERIALIZABLE transaction"))
+        Some(plan::PassReason::new(
+            "serializable",
+            "SERIALIZABLE transaction",
+        ))
     } else if probe.oid == 0 {
-        Some(plan::PassReason::new("unknown_table", "no such table in this session"))
-    } else if env.catalog.get(&login.1, &candidate.table).flatten().map(|t| t.oid) != Some(probe.oid) {
+        Some(plan::PassReason::new(
+            "unknown_table",
+            "no such table in this session",
+        ))
+    } else if env
+        .catalog
+        .get(&login.1, &candidate.table)
+        .flatten()
+        .map(|t| t.oid)
+        != Some(probe.oid)
+    {
         Some(plan::PassReason::new(
             "search_path",
             "the table name resolves differently in this session",
@@ -640,8 +664,41 @@ where
             }
             drop(events);
             if done < total && failure.is_none() {
-                failure = Some(plan::PassReason::new("fragment_failed", "fragments ended early"));
+                failure = Some(plan::PassReason::new(
+                    "fragment_failed",
+                    "fragments ended early",
+                ));
             }
+            // the client's parameters go to the combine only if it refers to them
+            let uses_params = match spec {
+                CombineSpec::Aggregate { template, .. } => template.contains('$'),
+                CombineSpec::TopN { .. } => false,
+            };
+            if uses_params
+                && param_types
+                    .iter()
+                    .take(params.values.len())
+                    .any(|t| *t == 0)
+                || uses_params && param_types.len() < params.values.len()
+            {
+                failure.get_or_insert(plan::PassReason::new(
+                    "parameter_types",
+                    "parameters in the combine step without declared types",
+                ));
+            }
+            let params = if uses_params {
+                params.clone()
+            } else {
+                BindParams {
+                    result_formats: params.result_formats.clone(),
+                    ..BindParams::default()
+                }
+            };
+            let param_types = if uses_params {
+                param_types.clone()
+            } else {
+                vec![]
+            };
             let first_param = params.values.len() + 1;
             let sql = match failure {
                 Some(f) => Err(f),
@@ -789,7 +846,12 @@ where
     let mut expected_closes = 4;
     if simple {
         protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_describe");
-        protocol::put_parse(&mut m, "pgfan_describe", sql.trim_end_matches([';', ' ', '\n']), &[]);
+        protocol::put_parse(
+            &mut m,
+            "pgfan_describe",
+            sql.trim_end_matches([';', ' ', '\n']),
+            &[],
+        );
         protocol::put_describe_or_close(&mut m, b'D', b'S', "pgfan_describe");
         protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_describe");
         expected_closes += 2;
@@ -797,7 +859,14 @@ where
     protocol::put_describe_or_close(&mut m, b'C', b'P', "pgfan_probe");
     protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_probe");
     protocol::put_parse(&mut m, "pgfan_probe", &probe_sql, &[]);
-    protocol::put_bind(&mut m, "pgfan_probe", "pgfan_probe", &BindParams::default(), &[], &[]);
+    protocol::put_bind(
+        &mut m,
+        "pgfan_probe",
+        "pgfan_probe",
+        &BindParams::default(),
+        &[],
+        &[],
+    );
     protocol::put_execute(&mut m, "pgfan_probe");
     protocol::put_describe_or_close(&mut m, b'C', b'P', "pgfan_probe");
     protocol::put_describe_or_close(&mut m, b'C', b'S', "pgfan_probe");

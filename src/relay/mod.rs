@@ -54,6 +54,11 @@ enum Held {
         params: BindParams,
         len: usize,
     },
+    /// EXPLAIN FANOUT of a statement that is not a candidate at all.
+    Explain {
+        reason: plan::PassReason,
+        len: usize,
+    },
 }
 
 /// Statements and portals that may fan out, and the message being held.
@@ -327,20 +332,57 @@ where
                 let held = intercept.held.take();
                 intercept.flush_sent = false;
                 let (candidate, sql, request, len) = match held {
-                    Some(Held::Query { candidate, sql, len }) => (candidate, sql, Request::Simple, len),
-                    Some(Held::Execute { prepared, params, len }) => (
+                    Some(Held::Query {
+                        candidate,
+                        sql,
+                        len,
+                    }) => (candidate, sql, Request::Simple, len),
+                    Some(Held::Execute {
+                        prepared,
+                        params,
+                        len,
+                    }) => (
                         prepared.candidate.clone(),
                         prepared.sql.clone(),
-                        Request::Extended { param_types: prepared.param_types.clone(), params },
+                        Request::Extended {
+                            param_types: prepared.param_types.clone(),
+                            params,
+                        },
                         len,
                     ),
+                    Some(Held::Explain { reason, len }) => {
+                        let mut out = BytesMut::new();
+                        fanout::put_text_result(
+                            &mut out,
+                            "QUERY PLAN",
+                            &[format!("PassThrough: {reason}")],
+                            "EXPLAIN",
+                        );
+                        protocol::put_ready_for_query(&mut out, tracker.state.status);
+                        to_client.push(out.freeze());
+                        let _ = client_in.split_to(len.min(client_in.len()));
+                        take_client_input!();
+                        continue;
+                    }
                     None => continue,
                 };
-                let mut pinned = Pinned { rd: &mut backend_rd, wr: &mut backend_wr, buf: &mut backend_in };
+                let mut pinned = Pinned {
+                    rd: &mut backend_rd,
+                    wr: &mut backend_wr,
+                    buf: &mut backend_in,
+                };
                 let outcome = fanout::execute(
-                    fs.env, session_id, &fs.login, tracker.state.status, &candidate, &sql, request,
-                    &mut pinned, &mut client_wr,
-                ).await;
+                    fs.env,
+                    session_id,
+                    &fs.login,
+                    tracker.state.status,
+                    &candidate,
+                    &sql,
+                    request,
+                    &mut pinned,
+                    &mut client_wr,
+                )
+                .await;
                 match outcome {
                     Outcome::PassThrough => intercept.bypass = true,
                     Outcome::Done(z) => {
@@ -562,13 +604,23 @@ fn watch_client(
     };
     match header.tag {
         b'Q' => {
-            let Some(sql) = r.cstr() else { return Visit::Forward };
+            let Some(sql) = r.cstr() else {
+                return Visit::Forward;
+            };
             seen_sql(&sql, intercept);
             if bypass || intercept.savepoint || tracker.unsynced || !plan::worth_parsing(&sql) {
                 return Visit::Forward;
             }
-            let Ok(candidate) = Candidate::parse(&sql) else {
-                return Visit::Forward;
+            let candidate = match Candidate::parse(&sql) {
+                Ok(c) => c,
+                Err(reason) if plan::is_explain_fanout(&sql) => {
+                    intercept.held = Some(Held::Explain {
+                        reason,
+                        len: header.total(),
+                    });
+                    return Visit::Stop;
+                }
+                Err(_) => return Visit::Forward,
             };
             if !candidate.explain && passes_cached(fs, tracker.state.status, &candidate) {
                 return Visit::Forward;
