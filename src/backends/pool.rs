@@ -17,6 +17,9 @@ use crate::protocol;
 /// Who a fragment connection logs in as: (user, database).
 pub type LoginKey = (String, String);
 
+/// Idle connections of one login, with the time each was returned.
+type IdleList = Vec<(Instant, BackendConnection, BytesMut)>;
+
 /// One backend server's fragment connections.
 pub struct BackendPool {
     /// The configured backend.
@@ -24,7 +27,7 @@ pub struct BackendPool {
     /// Index in [`FragmentPools::backends`].
     pub index: usize,
     permits: Arc<Semaphore>,
-    idle: Mutex<HashMap<LoginKey, Vec<(Instant, BackendConnection, BytesMut)>>>,
+    idle: Mutex<HashMap<LoginKey, IdleList>>,
     passwords: HashMap<String, String>,
     idle_timeout: Duration,
 }

@@ -44,7 +44,7 @@ impl Concat {
     }
 
     /// Decides about the next row.
-    pub fn next(&mut self) -> ConcatStep {
+    pub fn step(&mut self) -> ConcatStep {
         if self.full() {
             return ConcatStep::Stop;
         }
@@ -145,10 +145,10 @@ mod tests {
     #[test]
     fn concat_limit_offset() {
         let mut c = Concat::new(Some(2), 1);
-        assert_eq!(c.next(), ConcatStep::Skip);
-        assert_eq!(c.next(), ConcatStep::Send);
-        assert_eq!(c.next(), ConcatStep::Send);
-        assert_eq!(c.next(), ConcatStep::Stop);
+        assert_eq!(c.step(), ConcatStep::Skip);
+        assert_eq!(c.step(), ConcatStep::Send);
+        assert_eq!(c.step(), ConcatStep::Send);
+        assert_eq!(c.step(), ConcatStep::Stop);
     }
 
     #[test]

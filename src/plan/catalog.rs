@@ -61,10 +61,13 @@ impl TableInfo {
     }
 }
 
+/// A cached lookup: when it was made and what it found (`None`: no such table).
+type CacheEntry = (Instant, Option<Arc<TableInfo>>);
+
 /// Cache of [`TableInfo`] per (database, name as written).
 pub struct CatalogCache {
     ttl: Duration,
-    entries: Mutex<HashMap<(String, String), (Instant, Option<Arc<TableInfo>>)>>,
+    entries: Mutex<HashMap<(String, String), CacheEntry>>,
 }
 
 impl CatalogCache {

@@ -256,11 +256,8 @@ impl VisitorMut for ColumnCheck<'_> {
     type Break = ();
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
         match self.column(e) {
-            Some(Some(c)) => {
-                if !c.deterministic {
-                    self.nondeterministic = true;
-                }
-            }
+            Some(Some(c)) if !c.deterministic => self.nondeterministic = true,
+            Some(Some(_)) => {}
             Some(None) => {
                 self.problem
                     .get_or_insert_with(|| pass("unknown_column", format!("unknown column {e}")));

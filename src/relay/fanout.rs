@@ -576,7 +576,7 @@ where
                                 }
                             }
                         }
-                        match concat.next() {
+                        match concat.step() {
                             ConcatStep::Send => out.extend_from_slice(&message),
                             ConcatStep::Skip => {}
                             ConcatStep::Stop => break,
@@ -674,13 +674,12 @@ where
                 CombineSpec::Aggregate { template, .. } => template.contains('$'),
                 CombineSpec::TopN { .. } => false,
             };
-            if uses_params
-                && param_types
+            let undeclared = param_types.len() < params.values.len()
+                || param_types
                     .iter()
                     .take(params.values.len())
-                    .any(|t| *t == 0)
-                || uses_params && param_types.len() < params.values.len()
-            {
+                    .any(|t| *t == 0);
+            if uses_params && undeclared {
                 failure.get_or_insert(plan::PassReason::new(
                     "parameter_types",
                     "parameters in the combine step without declared types",

@@ -1,0 +1,251 @@
+//! Planner and merge micro-benchmarks.
+//!
+//! `cargo bench --bench plan` measures, per statement, what pgfan spends before the first
+//! fragment is sent: `Candidate::parse` (sqlparser + shape check) plus `plan::plan`
+//! (aggregate rewrite, split choice, fragment SQL), against a synthetic catalog entry, for
+//! TPC-H Q1 (fans out) and a pgbench point query (passes through as a point lookup). It
+//! also measures `merge::PartialRows`: pushing 10,000 partial DataRows and building the
+//! binary arrays the combine step sends to PostgreSQL.
+
+use std::hint::black_box;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use pgfan::config::FanoutConfig;
+use pgfan::merge::PartialRows;
+use pgfan::plan::{self, Candidate, ColumnInfo, Route, TableInfo};
+
+const TPCH_Q1: &str = "\
+select
+    l_returnflag,
+    l_linestatus,
+    sum(l_quantity) as sum_qty,
+    sum(l_extendedprice) as sum_base_price,
+    sum(l_extendedprice * (1 - l_discount)) as sum_disc_price,
+    sum(l_extendedprice * (1 - l_discount) * (1 + l_tax)) as sum_charge,
+    avg(l_quantity) as avg_qty,
+    avg(l_extendedprice) as avg_price,
+    avg(l_discount) as avg_disc,
+    count(*) as count_order
+from
+    lineitem
+where
+    l_shipdate <= date '1998-12-01' - interval '90' day
+group by
+    l_returnflag,
+    l_linestatus
+order by
+    l_returnflag,
+    l_linestatus";
+
+const POINT_QUERY: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 42";
+
+/// Fragment slots the backends offer (primary + 2 replicas, 8 connections each).
+const SLOTS: usize = 24;
+
+fn column(name: &str, type_oid: u32, type_name: &str) -> ColumnInfo {
+    let collatable = matches!(type_oid, 25 | 1042 | 1043);
+    ColumnInfo {
+        name: name.to_string(),
+        type_oid,
+        type_name: type_name.to_string(),
+        collation: collatable.then(|| "\"pg_catalog\".\"default\"".to_string()),
+        deterministic: true,
+        indexed: false,
+        histogram: Vec::new(),
+        null_frac: 0.0,
+        common_values: Vec::new(),
+        common_freqs: Vec::new(),
+        n_distinct: -1.0,
+    }
+}
+
+/// 101 equal-depth bounds over 1..=max, as `pg_stats.histogram_bounds` would give.
+fn int_histogram(max: u64) -> Vec<String> {
+    (0..=100u64)
+        .map(|i| (1 + i * (max - 1) / 100).to_string())
+        .collect()
+}
+
+fn date_histogram() -> Vec<String> {
+    // the first of every month, 1992-01-01 .. 1998-12-01 (85 sorted bounds)
+    (0..85)
+        .map(|m| format!("{}-{:02}-01", 1992 + m / 12, 1 + m % 12))
+        .collect()
+}
+
+fn lineitem() -> TableInfo {
+    let mut columns = vec![
+        column("l_orderkey", 20, "bigint"),
+        column("l_partkey", 20, "bigint"),
+        column("l_suppkey", 20, "bigint"),
+        column("l_linenumber", 23, "integer"),
+        column("l_quantity", 1700, "numeric(15,2)"),
+        column("l_extendedprice", 1700, "numeric(15,2)"),
+        column("l_discount", 1700, "numeric(15,2)"),
+        column("l_tax", 1700, "numeric(15,2)"),
+        column("l_returnflag", 1042, "character(1)"),
+        column("l_linestatus", 1042, "character(1)"),
+        column("l_shipdate", 1082, "date"),
+        column("l_commitdate", 1082, "date"),
+        column("l_receiptdate", 1082, "date"),
+        column("l_shipinstruct", 1042, "character(25)"),
+        column("l_shipmode", 1042, "character(10)"),
+        column("l_comment", 1043, "character varying(44)"),
+    ];
+    columns[0].indexed = true;
+    columns[0].histogram = int_histogram(6_000_000);
+    columns[10].indexed = true;
+    columns[10].histogram = date_histogram();
+    TableInfo {
+        oid: 16_384,
+        qualified: "\"public\".\"lineitem\"".into(),
+        kind: 'r',
+        temporary: false,
+        blocks: 100_000,
+        reltuples: 6_000_000.0,
+        columns,
+    }
+}
+
+fn pgbench_accounts() -> TableInfo {
+    let mut columns = vec![
+        column("aid", 23, "integer"),
+        column("bid", 23, "integer"),
+        column("abalance", 23, "integer"),
+        column("filler", 1042, "character(84)"),
+    ];
+    columns[0].indexed = true;
+    columns[0].histogram = int_histogram(10_000_000);
+    TableInfo {
+        oid: 16_400,
+        qualified: "\"public\".\"pgbench_accounts\"".into(),
+        kind: 'r',
+        temporary: false,
+        blocks: 100_000,
+        reltuples: 10_000_000.0,
+        columns,
+    }
+}
+
+fn parse_and_plan(sql: &str, table: &TableInfo, cfg: &FanoutConfig) -> Route {
+    match Candidate::parse(sql) {
+        Ok(c) => plan::plan(&c, table, cfg, SLOTS),
+        Err(reason) => Route::PassThrough(reason),
+    }
+}
+
+fn describe(route: &Route) -> String {
+    match route {
+        Route::FanOut(p) => format!(
+            "fan-out, {} fragments by {}",
+            p.fragments.len(),
+            p.split.describe()
+        ),
+        Route::PassThrough(r) => format!("pass-through ({}: {})", r.label, r.detail),
+    }
+}
+
+fn bench_plan(c: &mut Criterion) {
+    let cfg = FanoutConfig::default();
+    let lineitem = lineitem();
+    let accounts = pgbench_accounts();
+    // Say once which route each statement takes, so a silent change shows in the output.
+    eprintln!(
+        "route of tpch_q1: {}",
+        describe(&parse_and_plan(TPCH_Q1, &lineitem, &cfg))
+    );
+    eprintln!(
+        "route of oltp_point: {}",
+        describe(&parse_and_plan(POINT_QUERY, &accounts, &cfg))
+    );
+
+    let mut g = c.benchmark_group("plan");
+    g.bench_function("tpch_q1/parse", |b| {
+        b.iter(|| Candidate::parse(black_box(TPCH_Q1)))
+    });
+    g.bench_function("tpch_q1/parse+plan", |b| {
+        b.iter(|| parse_and_plan(black_box(TPCH_Q1), &lineitem, &cfg))
+    });
+    g.bench_function("oltp_point/parse", |b| {
+        b.iter(|| Candidate::parse(black_box(POINT_QUERY)))
+    });
+    g.bench_function("oltp_point/parse+plan", |b| {
+        b.iter(|| parse_and_plan(black_box(POINT_QUERY), &accounts, &cfg))
+    });
+    g.bench_function("oltp_point/worth_parsing", |b| {
+        b.iter(|| plan::worth_parsing(black_box(POINT_QUERY)))
+    });
+    g.finish();
+}
+
+/// 10,000 binary partial rows as a Q1 fragment would send them: two bpchar keys, numeric
+/// sums (as text-sized blobs), a bigint count, with a NULL now and then.
+fn partial_datarows(n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| {
+            let values: [Option<Vec<u8>>; 5] = [
+                Some(vec![b"ANR"[i % 3]]),
+                Some(vec![b"FO"[i % 2]]),
+                Some((i as i64 * 1234).to_be_bytes().to_vec()),
+                (i % 97 != 0).then(|| vec![0, 2, 0, 1, 0, 0, 0, 2, 0x04, 0xd2, 0x16, 0x2e]),
+                Some((i as i64).to_be_bytes().to_vec()),
+            ];
+            let mut body = BytesMut::new();
+            body.put_i16(values.len() as i16);
+            for v in &values {
+                match v {
+                    None => body.put_i32(-1),
+                    Some(v) => {
+                        body.put_i32(v.len() as i32);
+                        body.put_slice(v);
+                    }
+                }
+            }
+            let mut msg = BytesMut::with_capacity(body.len() + 5);
+            msg.put_u8(b'D');
+            msg.put_i32(body.len() as i32 + 4);
+            msg.put_slice(&body);
+            msg.freeze()
+        })
+        .collect()
+}
+
+fn bench_merge(c: &mut Criterion) {
+    const N: usize = 10_000;
+    let rows = partial_datarows(N);
+    let types = vec![1042, 1042, 20, 1700, 20];
+    let mut g = c.benchmark_group("merge");
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("partial_rows/push_10k", |b| {
+        b.iter_batched(
+            || {
+                let mut p = PartialRows::default();
+                p.describe(types.clone());
+                p
+            },
+            |mut p| {
+                for r in &rows {
+                    assert!(p.push(r));
+                }
+                p
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("partial_rows/push+arrays_10k", |b| {
+        b.iter(|| {
+            let mut p = PartialRows::default();
+            p.describe(types.clone());
+            for r in &rows {
+                assert!(p.push(r));
+            }
+            (0..types.len()).map(|i| p.array(i)).collect::<Vec<_>>()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_plan, bench_merge);
+criterion_main!(benches);
