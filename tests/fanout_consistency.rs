@@ -34,30 +34,13 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-use common::{cluster, connect_primary, create_database, drop_database, query_i64, Pgfan};
+use common::{
+    connect_primary, create_database, drop_database, fanout_config_toml, query_i64, Pgfan,
+};
 
 // ---------------------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------------------
-
-/// pgfan configuration: the primary only, small fragments so test tables fan out.
-fn config_toml() -> String {
-    format!(
-        r#"auth = "trust"
-
-[[backends]]
-name = "primary"
-url = "{}"
-role = "primary"
-pool_size = 8
-
-[fanout]
-min_fragment_pages = 8
-max_fragments = 4
-"#,
-        cluster().primary_host_port()
-    )
-}
 
 /// A tokio-postgres client through pgfan (or the primary in direct mode).
 async fn connect_pgfan(pgfan: &Pgfan, db: &str) -> Client {
@@ -314,7 +297,7 @@ async fn sums_stay_constant_under_writes() {
     .await;
     assert!(pages >= 16, "accounts has only {pages} heap pages");
 
-    let pgfan = Pgfan::start_with_config(&config_toml(), &[]);
+    let pgfan = Pgfan::start_with_config(&fanout_config_toml(), &[]);
     let client = connect_pgfan(&pgfan, DB).await;
     if !direct_mode {
         let n = assert_fans_out(&client, &pgfan, SUM_SQL).await;
@@ -671,7 +654,7 @@ async fn scan_streams_before_fragments_finish() {
         .await
         .expect("set up big");
 
-    let pgfan = Pgfan::start_with_config(&config_toml(), &[]);
+    let pgfan = Pgfan::start_with_config(&fanout_config_toml(), &[]);
     let monitor = connect_primary(DB).await;
     if !direct_mode {
         let client = connect_pgfan(&pgfan, DB).await;

@@ -31,7 +31,10 @@ use std::cmp::Ordering;
 use std::time::Instant;
 
 use common::wire::{ErrorInfo, FieldDesc, Format, Msg, Oid, Raw, Transcript, WireClient};
-use common::{cluster, connect_primary, create_database, drop_database, test_logs_dir, Pgfan};
+use common::{
+    cluster, connect_primary, create_database, drop_database, fanout_config_toml, test_logs_dir,
+    Pgfan,
+};
 
 const DB: &str = "pgfan_fanout_diff";
 
@@ -816,24 +819,6 @@ async fn setup_database() -> String {
     collation
 }
 
-fn config_toml() -> String {
-    format!(
-        r#"auth = "trust"
-
-[[backends]]
-name = "primary"
-url = "{}"
-role = "primary"
-pool_size = 8
-
-[fanout]
-min_fragment_pages = 8
-max_fragments = 4
-"#,
-        cluster().primary_host_port()
-    )
-}
-
 // ---------------------------------------------------------------------------------------
 // Running and comparing
 // ---------------------------------------------------------------------------------------
@@ -870,33 +855,6 @@ async fn run_query(client: &mut WireClient, q: &Query, mode: Mode) -> std::io::R
     }
 }
 
-fn kind(m: &Msg) -> &'static str {
-    match m {
-        Msg::RowDescription(_) => "RowDescription",
-        Msg::DataRow(_) => "DataRow",
-        Msg::CommandComplete(_) => "CommandComplete",
-        Msg::EmptyQueryResponse => "EmptyQueryResponse",
-        Msg::Error(_) => "Error",
-        Msg::Notice(_) => "Notice",
-        Msg::ParameterStatus { .. } => "ParameterStatus",
-        Msg::Notification { .. } => "Notification",
-        Msg::CopyInResponse { .. } => "CopyInResponse",
-        Msg::CopyOutResponse { .. } => "CopyOutResponse",
-        Msg::CopyData(_) => "CopyData",
-        Msg::CopyDone => "CopyDone",
-        Msg::PortalSuspended => "PortalSuspended",
-        Msg::ParseComplete => "ParseComplete",
-        Msg::BindComplete => "BindComplete",
-        Msg::CloseComplete => "CloseComplete",
-        Msg::NoData => "NoData",
-        Msg::ParameterDescription(_) => "ParameterDescription",
-        Msg::ReadyForQuery(_) => "ReadyForQuery",
-        Msg::FunctionCallResponse(_) => "FunctionCallResponse",
-        Msg::Unknown { .. } => "Unknown",
-        Msg::Other(_) => "Other",
-    }
-}
-
 /// The parts of a transcript that are compared.
 struct Summary<'a> {
     /// Message kinds in order, DataRows left out.
@@ -914,7 +872,7 @@ fn summarize(t: &Transcript) -> Summary<'_> {
             .messages
             .iter()
             .filter(|m| !matches!(m, Msg::DataRow(_)))
-            .map(kind)
+            .map(Msg::kind)
             .collect(),
         fields: t.messages.iter().find_map(|m| match m {
             Msg::RowDescription(f) => Some(f.as_slice()),
@@ -1382,7 +1340,7 @@ async fn fanout_differential() {
     let started = Instant::now();
     let corpus = corpus();
     setup_database().await;
-    let pgfan = Pgfan::start_with_config(&config_toml(), &[]);
+    let pgfan = Pgfan::start_with_config(&fanout_config_toml(), &[]);
     let direct_mode = Pgfan::direct_mode();
     let addr = pgfan.addr();
     eprintln!(

@@ -1268,33 +1268,7 @@ async fn run_protocol_step(client: &mut WireClient, s: &Step) -> std::io::Result
 }
 
 fn shape(t: &Transcript) -> Vec<&'static str> {
-    t.messages
-        .iter()
-        .map(|m| match m {
-            Msg::RowDescription(_) => "RowDescription",
-            Msg::DataRow(_) => "DataRow",
-            Msg::CommandComplete(_) => "CommandComplete",
-            Msg::EmptyQueryResponse => "EmptyQueryResponse",
-            Msg::Error(_) => "Error",
-            Msg::Notice(_) => "Notice",
-            Msg::ParameterStatus { .. } => "ParameterStatus",
-            Msg::Notification { .. } => "Notification",
-            Msg::CopyInResponse { .. } => "CopyInResponse",
-            Msg::CopyOutResponse { .. } => "CopyOutResponse",
-            Msg::CopyData(_) => "CopyData",
-            Msg::CopyDone => "CopyDone",
-            Msg::PortalSuspended => "PortalSuspended",
-            Msg::ParseComplete => "ParseComplete",
-            Msg::BindComplete => "BindComplete",
-            Msg::CloseComplete => "CloseComplete",
-            Msg::NoData => "NoData",
-            Msg::ParameterDescription(_) => "ParameterDescription",
-            Msg::ReadyForQuery(_) => "ReadyForQuery",
-            Msg::FunctionCallResponse(_) => "FunctionCallResponse",
-            Msg::Unknown { .. } => "Unknown",
-            Msg::Other(_) => "Other",
-        })
-        .collect()
+    t.messages.iter().map(Msg::kind).collect()
 }
 
 /// Assertions on the direct transcripts, so the comparison is known to cover what the

@@ -339,24 +339,7 @@ pub(crate) struct MessageReader {
 impl MessageReader {
     /// Reads the next whole message: type byte and body.
     pub(crate) async fn next(&mut self, stream: &mut BackendStream) -> io::Result<(u8, BytesMut)> {
-        loop {
-            match protocol::read_header(&self.buf) {
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-                Ok(Some(h)) if self.buf.len() >= h.total() => {
-                    let mut msg = self.buf.split_to(h.total());
-                    msg.advance(5);
-                    return Ok((h.tag, msg));
-                }
-                _ => {}
-            }
-            self.buf.reserve(8192);
-            if stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "backend closed the connection during startup",
-                ));
-            }
-        }
+        protocol::read_message(stream, &mut self.buf).await
     }
 }
 

@@ -46,12 +46,16 @@ pub struct PooledConnection {
 }
 
 impl PooledConnection {
-    /// The connection.
-    pub fn conn(&mut self) -> &mut BackendConnection {
-        // invariant: conn is Some until drop
+    /// The connection (`None` only while it is being returned to the pool).
+    fn stream(&mut self) -> std::io::Result<&mut BackendConnection> {
         self.conn
             .as_mut()
-            .expect("pooled connection present until drop")
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "returned"))
+    }
+
+    /// Where a CancelRequest for this connection goes.
+    pub fn cancel_target(&self) -> Option<super::connect::CancelTarget> {
+        self.conn.as_ref().map(BackendConnection::cancel_target)
     }
 
     /// The backend this connection belongs to.
@@ -61,7 +65,7 @@ impl PooledConnection {
 
     /// Writes `bytes` to the backend.
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        let stream = &mut self.conn().stream;
+        let stream = &mut self.stream()?.stream;
         stream.write_all(bytes).await?;
         stream.flush().await
     }
@@ -71,7 +75,7 @@ impl PooledConnection {
         let conn = self
             .conn
             .as_mut()
-            .expect("pooled connection present until drop");
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "returned"))?;
         protocol::read_message(&mut conn.stream, &mut self.buf).await
     }
 

@@ -95,10 +95,11 @@ pub fn run(
             if let Err(cause) = run_one(&mut conn, &job, &tx).await {
                 // the receiver is gone or the connection failed: stop the backend's work
                 conn.broken = true;
-                let target = conn.conn().cancel_target();
-                tokio::spawn(async move {
-                    let _ = target.cancel().await;
-                });
+                if let Some(target) = conn.cancel_target() {
+                    tokio::spawn(async move {
+                        let _ = target.cancel().await;
+                    });
+                }
                 let _ = tx
                     .send(FragmentEvent::Failed {
                         index,

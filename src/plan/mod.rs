@@ -220,34 +220,35 @@ pub fn function_name(name: &ObjectName) -> Option<String> {
 /// parsing): it starts with SELECT or EXPLAIN FANOUT.
 pub fn worth_parsing(sql: &str) -> bool {
     let t = skip_space_and_comments(sql);
-    let head: String = t.chars().take(14).collect::<String>().to_ascii_lowercase();
-    head.starts_with("select") || head.starts_with("explain fanout")
+    starts_with_word(t, "select") || is_explain_fanout(t)
+}
+
+/// Case-insensitive prefix test without allocating (runs on every statement).
+fn starts_with_word(text: &str, word: &str) -> bool {
+    text.as_bytes()
+        .get(..word.len())
+        .is_some_and(|h| h.eq_ignore_ascii_case(word.as_bytes()))
 }
 
 /// True for `EXPLAIN FANOUT …`.
 pub fn is_explain_fanout(sql: &str) -> bool {
-    skip_space_and_comments(sql)
-        .get(..14)
-        .is_some_and(|h| h.eq_ignore_ascii_case("explain fanout"))
+    starts_with_word(skip_space_and_comments(sql), "explain fanout")
 }
 
 /// True if the statement changes the catalog or its statistics (the catalog cache of the
 /// database is dropped).
 pub fn changes_catalog(sql: &str) -> bool {
     let t = skip_space_and_comments(sql);
-    let head: String = t.chars().take(9).collect::<String>().to_ascii_lowercase();
     [
         "create", "alter", "drop", "truncate", "analyze", "vacuum", "cluster", "reindex",
     ]
     .iter()
-    .any(|k| head.starts_with(k))
+    .any(|k| starts_with_word(t, k))
 }
 
 /// True if the statement opens a savepoint (a subtransaction cannot export a snapshot).
 pub fn opens_savepoint(sql: &str) -> bool {
-    let t = skip_space_and_comments(sql);
-    t.get(..9)
-        .is_some_and(|h| h.eq_ignore_ascii_case("savepoint"))
+    starts_with_word(skip_space_and_comments(sql), "savepoint")
 }
 
 fn skip_space_and_comments(mut t: &str) -> &str {
@@ -267,13 +268,9 @@ impl Candidate {
     /// Parses `sql` and checks the shape; `Err` says why it passes through.
     pub fn parse(sql: &str) -> Result<Candidate, PassReason> {
         let mut text = skip_space_and_comments(sql);
-        let mut explain = false;
-        if text
-            .get(..14)
-            .is_some_and(|h| h.eq_ignore_ascii_case("explain fanout"))
-        {
-            explain = true;
-            text = &text[14..];
+        let explain = is_explain_fanout(text);
+        if explain {
+            text = &text["explain fanout".len()..];
         }
         let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, text)
             .map_err(|e| PassReason::new("unparsed", format!("not parsed by pgfan: {e}")))?;

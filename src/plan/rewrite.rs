@@ -333,6 +333,17 @@ fn contains_aggregate(e: &Expr) -> bool {
     found
 }
 
+/// The (folded) aliases of the select list.
+fn output_aliases(s: &Select) -> Vec<String> {
+    s.projection
+        .iter()
+        .filter_map(|i| match i {
+            SelectItem::ExprWithAlias { alias, .. } => Some(fold(alias)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn item_expr(item: &SelectItem) -> Option<(&Expr, Option<&Ident>)> {
     match item {
         SelectItem::UnnamedExpr(e) => Some((e, None)),
@@ -360,14 +371,7 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
             return Err(pass("unsupported_shape", "ORDER BY USING"));
         }
     }
-    let aliases: Vec<String> = s
-        .projection
-        .iter()
-        .filter_map(|i| match i {
-            SelectItem::ExprWithAlias { alias, .. } => Some(fold(alias)),
-            _ => None,
-        })
-        .collect();
+    let aliases = output_aliases(s);
     let is_output_alias = |e: &Expr| match e {
         Expr::Identifier(i) => aliases.contains(&fold(i)),
         _ => false,
@@ -435,7 +439,8 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
     }
 
     if has_aggs || !group_by.is_empty() || distinct || s.having.is_some() {
-        return aggregate_shape(c, table, s, &group_by, &order, limit, offset, distinct);
+        // LIMIT/OFFSET stay in the combine query (groups span fragments)
+        return aggregate_shape(c, table, s, &group_by, &order, distinct);
     }
     if s.projection.iter().any(|i| {
         matches!(
@@ -660,15 +665,12 @@ impl VisitorMut for FinalRewrite<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn aggregate_shape(
     c: &Candidate,
     table: &TableInfo,
     s: &Select,
     group_by: &[Expr],
     order: &[OrderByExpr],
-    limit: Option<u64>,
-    offset: u64,
     distinct: bool,
 ) -> Result<Shape, PassReason> {
     let has_wildcard = s.projection.iter().any(|i| item_expr(i).is_none());
@@ -730,14 +732,7 @@ fn aggregate_shape(
     if let Some(h) = having.as_mut() {
         let _ = h.visit(&mut rw);
     }
-    let aliases: Vec<String> = s
-        .projection
-        .iter()
-        .filter_map(|i| match i {
-            SelectItem::ExprWithAlias { alias, .. } => Some(fold(alias)),
-            _ => None,
-        })
-        .collect();
+    let aliases = output_aliases(s);
     let mut final_order = order.to_vec();
     for o in final_order.iter_mut() {
         let is_alias = matches!(&o.expr, Expr::Identifier(i) if aliases.contains(&fold(i)));
@@ -808,7 +803,6 @@ fn aggregate_shape(
             index_hints: vec![],
         };
     }
-    let _ = (limit, offset);
     Ok(Shape {
         fragment,
         filter: s.selection.clone(),

@@ -409,6 +409,7 @@ where
     C: AsyncWrite + Unpin,
 {
     let simple = matches!(request, Request::Simple);
+    // the assignment is what EXPLAIN shows; a run assigns after the replicas' lag check
     let (route, assignment) = route_for(env, login, status, candidate).await;
     if candidate.explain {
         let lines = explain_lines(env, &route, &assignment);
@@ -539,7 +540,6 @@ where
             params: fragment_params.clone(),
         })
         .collect();
-    let _ = assignment;
     info!(
         session = session_id,
         query = query_id,
@@ -562,11 +562,8 @@ where
             while done < total && !concat.full() {
                 let Some(ev) = events.recv().await else { break };
                 match ev {
-                    FragmentEvent::Described { .. } | FragmentEvent::Done { .. } => {
-                        if matches!(ev, FragmentEvent::Done { .. }) {
-                            done += 1;
-                        }
-                    }
+                    FragmentEvent::Described { .. } => {}
+                    FragmentEvent::Done { .. } => done += 1,
                     FragmentEvent::Row { message, .. } => {
                         if !started {
                             started = true;
@@ -878,7 +875,6 @@ where
         let (tag, body) = pinned.next(client).await?;
         match tag {
             b'T' if row_description.is_none() && simple => row_description = Some(body),
-            b'n' if simple => row_description = Some(BytesMut::from(&[0u8, 0][..])),
             b'D' => row = Some(decode_text_row(&body)),
             b'E' => return Ok(Err(body)),
             b'3' => closes += 1,

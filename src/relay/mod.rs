@@ -27,6 +27,16 @@ use crate::protocol::{self, BindParams, ErrorFields};
 use fanout::{FanoutEnv, Outcome, Pinned, Request};
 use frame::{MessageCursor, Visit};
 
+impl Intercept {
+    /// After ReadyForQuery: when the transaction ended, its portals and savepoints are gone.
+    fn ready_for_query(&mut self, status: u8) {
+        if status == b'I' {
+            self.portals.clear();
+            self.savepoint = false;
+        }
+    }
+}
+
 /// Fan-out for one session: the shared environment and who the session is.
 pub struct FanoutSession<'a> {
     /// Pools, catalog, configuration.
@@ -388,10 +398,7 @@ where
                     Outcome::Done(z) => {
                         if let Some(z) = z {
                             tracker.state.status = z;
-                            if z == b'I' {
-                                intercept.savepoint = false;
-                                intercept.portals.clear();
-                            }
+                            intercept.ready_for_query(z);
                         }
                         let _ = client_in.split_to(len.min(client_in.len()));
                     }
@@ -661,14 +668,17 @@ fn watch_client(
             Visit::Forward
         }
         b'B' => {
-            if let Some((portal, statement, params)) = BindParams::parse(body) {
-                match intercept.statements.get(&statement) {
-                    Some(p) => {
-                        intercept.portals.insert(portal, (p.clone(), params));
-                    }
-                    None => {
-                        intercept.portals.remove(&portal);
-                    }
+            let (Some(portal), Some(statement)) = (r.cstr(), r.cstr()) else {
+                return Visit::Forward;
+            };
+            // parameters are copied only for statements that may fan out
+            let prepared = intercept.statements.get(&statement).cloned();
+            match prepared.zip(BindParams::parse(body)) {
+                Some((p, (_, _, params))) => {
+                    intercept.portals.insert(portal, (p, params));
+                }
+                None => {
+                    intercept.portals.remove(&portal);
                 }
             }
             Visit::Forward
@@ -741,11 +751,7 @@ fn scan_backend(
                 (b'Z', Some(body)) => {
                     let status = body.first().copied().unwrap_or(b'I');
                     tracker.ready(status);
-                    if status == b'I' {
-                        // the transaction ended: its portals and savepoints are gone
-                        intercept.portals.clear();
-                        intercept.savepoint = false;
-                    }
+                    intercept.ready_for_query(status);
                 }
                 (b'S', Some(body)) => tracker
                     .state

@@ -106,6 +106,26 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// pgfan configuration for fan-out tests: the primary only (trust), with fragments small
+/// enough that test tables of a few hundred pages fan out.
+pub fn fanout_config_toml() -> String {
+    format!(
+        r#"auth = "trust"
+
+[[backends]]
+name = "primary"
+url = "{}"
+role = "primary"
+pool_size = 8
+
+[fanout]
+min_fragment_pages = 8
+max_fragments = 4
+"#,
+        cluster().primary_host_port()
+    )
+}
+
 /// Starts the test cluster once per test process and returns where it is.
 pub fn cluster() -> &'static ClusterEnv {
     static CLUSTER: OnceLock<ClusterEnv> = OnceLock::new();

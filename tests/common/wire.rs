@@ -362,6 +362,36 @@ pub struct Transcript {
     pub messages: Vec<Msg>,
 }
 
+impl Msg {
+    /// The message's type name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::RowDescription(_) => "RowDescription",
+            Msg::DataRow(_) => "DataRow",
+            Msg::CommandComplete(_) => "CommandComplete",
+            Msg::EmptyQueryResponse => "EmptyQueryResponse",
+            Msg::Error(_) => "Error",
+            Msg::Notice(_) => "Notice",
+            Msg::ParameterStatus { .. } => "ParameterStatus",
+            Msg::Notification { .. } => "Notification",
+            Msg::CopyInResponse { .. } => "CopyInResponse",
+            Msg::CopyOutResponse { .. } => "CopyOutResponse",
+            Msg::CopyData(_) => "CopyData",
+            Msg::CopyDone => "CopyDone",
+            Msg::PortalSuspended => "PortalSuspended",
+            Msg::ParseComplete => "ParseComplete",
+            Msg::BindComplete => "BindComplete",
+            Msg::CloseComplete => "CloseComplete",
+            Msg::NoData => "NoData",
+            Msg::ParameterDescription(_) => "ParameterDescription",
+            Msg::ReadyForQuery(_) => "ReadyForQuery",
+            Msg::FunctionCallResponse(_) => "FunctionCallResponse",
+            Msg::Unknown { .. } => "Unknown",
+            Msg::Other(_) => "Other",
+        }
+    }
+}
+
 impl Transcript {
     /// The status byte of the last ReadyForQuery ('I', 'T' or 'E').
     pub fn status(&self) -> Option<char> {
