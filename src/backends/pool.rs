@@ -179,6 +179,27 @@ impl BackendPool {
             .acquire_owned()
             .await
             .map_err(|_| ConnectError::Protocol("pool closed".into()))?;
+        self.acquire_reserved(key, permit).await
+    }
+
+    /// Reserves `n` slots at once, waiting at most `wait`; `None` when they did not free
+    /// up in time. A merge that needs all its fragments running together reserves first,
+    /// so it never holds some slots while waiting for others forever.
+    pub async fn reserve(&self, n: usize, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n).ok()?;
+        tokio::time::timeout(wait, self.permits.clone().acquire_many_owned(n))
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Checks out a connection logged in as `key` on a slot reserved with
+    /// [`BackendPool::reserve`] (one permit).
+    pub async fn acquire_reserved(
+        self: &Arc<Self>,
+        key: &LoginKey,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<PooledConnection, ConnectError> {
         let reused = self.idle.lock().ok().and_then(|mut idle| {
             let list = idle.get_mut(key)?;
             while let Some((since, conn, buf)) = list.pop() {

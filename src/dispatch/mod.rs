@@ -3,9 +3,10 @@
 //! instead of filling memory). Dropping the receiver cancels every fragment still running.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::debug;
 
 use crate::backends::pool::{BackendPool, LoginKey, PooledConnection};
@@ -13,6 +14,10 @@ use crate::protocol::{self, BindParams};
 
 /// Events per channel slot: bounded, so memory does not grow with the result.
 const CHANNEL_DEPTH: usize = 256;
+/// Events per fragment in an ordered merge.
+const ORDERED_CHANNEL_DEPTH: usize = 64;
+/// How long an ordered merge waits for all its pool slots before passing through.
+pub const RESERVE_WAIT: Duration = Duration::from_secs(2);
 
 /// One fragment to run.
 #[derive(Clone)]
@@ -73,45 +78,99 @@ pub fn run(
 ) -> mpsc::Receiver<FragmentEvent> {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     for job in jobs {
-        let tx = tx.clone();
-        let login = login.clone();
-        tokio::spawn(async move {
-            let index = job.index;
-            let backend = job.backend.config.name.clone();
-            let mut conn = match job.backend.acquire(&login).await {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tx
-                        .send(FragmentEvent::Failed {
-                            index,
-                            error: None,
-                            cause: e.to_string(),
-                        })
-                        .await;
-                    return;
-                }
-            };
-            debug!(query = query_id, fragment = index, backend = %backend, "fragment start");
-            if let Err(cause) = run_one(&mut conn, &job, &tx).await {
-                // the receiver is gone or the connection failed: stop the backend's work
-                conn.broken = true;
-                if let Some(target) = conn.cancel_target() {
-                    tokio::spawn(async move {
-                        let _ = target.cancel().await;
-                    });
-                }
+        spawn_job(job, None, login.clone(), query_id, tx.clone());
+    }
+    rx
+}
+
+/// Starts every job with a stream of events of its own, for a merge that must wait for
+/// one particular fragment: each stream is bounded on its own, so a fragment the merge
+/// is not reading yet waits instead of filling memory.
+///
+/// Such a merge stalls if one fragment waits for a pool slot while the others hold theirs,
+/// so every slot is reserved first, backend by backend in index order (no two queries
+/// wait on each other in a cycle). `None` when the slots are not free within
+/// [`RESERVE_WAIT`]: nothing has run, and the caller passes the statement through.
+pub async fn run_each(
+    jobs: Vec<FragmentJob>,
+    login: LoginKey,
+    query_id: u64,
+) -> Option<Vec<mpsc::Receiver<FragmentEvent>>> {
+    let mut backends: Vec<(Arc<BackendPool>, usize)> = Vec::new();
+    for job in &jobs {
+        match backends
+            .iter_mut()
+            .find(|(b, _)| b.index == job.backend.index)
+        {
+            Some((_, n)) => *n += 1,
+            None => backends.push((job.backend.clone(), 1)),
+        }
+    }
+    backends.sort_by_key(|(b, _)| b.index);
+    let mut reserved: Vec<(usize, OwnedSemaphorePermit)> = Vec::new();
+    for (backend, n) in &backends {
+        let permit = backend.reserve(*n, RESERVE_WAIT).await?;
+        reserved.push((backend.index, permit));
+    }
+    let mut streams = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let permit = reserved
+            .iter_mut()
+            .find(|(i, _)| *i == job.backend.index)
+            .and_then(|(_, p)| p.split(1))?;
+        let (tx, rx) = mpsc::channel(ORDERED_CHANNEL_DEPTH);
+        spawn_job(job, Some(permit), login.clone(), query_id, tx);
+        streams.push(rx);
+    }
+    Some(streams)
+}
+
+fn spawn_job(
+    job: FragmentJob,
+    permit: Option<OwnedSemaphorePermit>,
+    login: LoginKey,
+    query_id: u64,
+    tx: mpsc::Sender<FragmentEvent>,
+) {
+    tokio::spawn(async move {
+        let index = job.index;
+        let backend = job.backend.config.name.clone();
+        let acquired = match permit {
+            Some(p) => job.backend.acquire_reserved(&login, p).await,
+            None => job.backend.acquire(&login).await,
+        };
+        let mut conn = match acquired {
+            Ok(c) => c,
+            Err(e) => {
                 let _ = tx
                     .send(FragmentEvent::Failed {
                         index,
                         error: None,
-                        cause,
+                        cause: e.to_string(),
                     })
                     .await;
+                return;
             }
-            debug!(query = query_id, fragment = index, "fragment end");
-        });
-    }
-    rx
+        };
+        debug!(query = query_id, fragment = index, backend = %backend, "fragment start");
+        if let Err(cause) = run_one(&mut conn, &job, &tx).await {
+            // the receiver is gone or the connection failed: stop the backend's work
+            conn.broken = true;
+            if let Some(target) = conn.cancel_target() {
+                tokio::spawn(async move {
+                    let _ = target.cancel().await;
+                });
+            }
+            let _ = tx
+                .send(FragmentEvent::Failed {
+                    index,
+                    error: None,
+                    cause,
+                })
+                .await;
+        }
+        debug!(query = query_id, fragment = index, "fragment end");
+    });
 }
 
 async fn run_one(

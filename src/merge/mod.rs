@@ -1,6 +1,8 @@
 //! Streaming merges of fragment results: concat with LIMIT/OFFSET, and the partial rows a
 //! combine step regroups (kept as binary values and handed to PostgreSQL as typed arrays).
 
+pub mod ordered;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::backends::pool::row_values;

@@ -235,6 +235,62 @@ pub fn is_explain_fanout(sql: &str) -> bool {
     starts_with_word(skip_space_and_comments(sql), "explain fanout")
 }
 
+/// The statement after `EXPLAIN FANOUT` (the whole text if it is not one).
+pub fn explained_statement(sql: &str) -> &str {
+    let t = skip_space_and_comments(sql);
+    if starts_with_word(t, "explain fanout") {
+        &t["explain fanout".len()..]
+    } else {
+        sql
+    }
+}
+
+/// The highest `$n` parameter number in `sql` (0 if none), skipping string literals,
+/// quoted identifiers and comments. Dollar-quoted bodies are not skipped: a `$n` inside
+/// one only makes a stand-in declare one parameter more than needed.
+pub fn max_parameter(sql: &str) -> usize {
+    let b = sql.as_bytes();
+    let (mut i, mut max) = (0, 0usize);
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+            }
+            b'$' => {
+                let start = i + 1;
+                i = start;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                if let Ok(n) = sql[start..i].parse::<usize>() {
+                    max = max.max(n);
+                }
+                if i == start {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    max
+}
+
 /// True if the statement changes the catalog or its statistics (the catalog cache of the
 /// database is dropped).
 pub fn changes_catalog(sql: &str) -> bool {
@@ -534,11 +590,7 @@ fn plan_inner(
     }
     let shape = rewrite::analyze(c, table)?;
     let split = split::choose(c, table, cfg, slots)?;
-    let fragments = split
-        .predicates()
-        .iter()
-        .map(|pred| shape.fragment_sql(pred))
-        .collect();
+    let fragments = shape.fragment_sqls(&split.predicates());
     Ok(Plan {
         table: table.qualified.clone(),
         split,
@@ -550,6 +602,16 @@ fn plan_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters() {
+        assert_eq!(
+            max_parameter("select $1 + $12, '$40', \"$41\" -- $42\n/* $43 */"),
+            12
+        );
+        assert_eq!(max_parameter("select 1"), 0);
+        assert_eq!(max_parameter("select $$x$$"), 0);
+    }
 
     #[test]
     fn prefilter() {

@@ -11,11 +11,13 @@ use std::ops::ControlFlow;
 use sqlparser::ast::{
     BinaryOperator, Distinct, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
     FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName, ObjectNamePart, OrderByExpr,
-    OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr, TableFactor, Value, VisitMut,
-    VisitorMut,
+    OrderByKind, OrderBySort, Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
+    TableFactor, Value, VisitMut, VisitorMut, WildcardAdditionalOptions,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
+
+use crate::merge::ordered::{is_c_collation, KeyKind, MergeKey};
 
 use super::{aggregate_kind, fold, function_name, Candidate, PassReason, TableInfo};
 
@@ -102,6 +104,18 @@ pub enum CombineSpec {
 /// How fragment results become the client's result.
 #[derive(Debug, Clone)]
 pub enum MergeSpec {
+    /// ORDER BY on keys pgfan can compare: fragments return sorted rows plus one hidden
+    /// binary column per key, merged k-way and streamed.
+    Ordered {
+        /// The sort keys, in ORDER BY order.
+        keys: Vec<MergeKey>,
+        /// Columns the client sees (the hidden keys follow them).
+        visible: usize,
+        /// LIMIT, if any.
+        limit: Option<u64>,
+        /// OFFSET.
+        offset: u64,
+    },
     /// Rows are streamed as they arrive, up to `limit` after skipping `offset`.
     Concat {
         /// LIMIT, if any.
@@ -117,6 +131,23 @@ impl MergeSpec {
     /// One line for EXPLAIN FANOUT.
     pub fn describe(&self) -> String {
         match self {
+            MergeSpec::Ordered {
+                keys,
+                limit,
+                offset,
+                ..
+            } => {
+                let bounds = match limit {
+                    Some(l) => format!(", limit {l} offset {offset}"),
+                    None if *offset > 0 => format!(", offset {offset}"),
+                    None => String::new(),
+                };
+                format!(
+                    "Merge: ordered merge on {} key{} (streamed){bounds}",
+                    keys.len(),
+                    if keys.len() == 1 { "" } else { "s" }
+                )
+            }
             MergeSpec::Concat { limit, offset } => match limit {
                 Some(l) => format!("Merge: concat, limit {l} offset {offset}"),
                 None if *offset > 0 => format!("Merge: concat, offset {offset}"),
@@ -141,10 +172,37 @@ pub struct Shape {
     pub merge: MergeSpec,
 }
 
+/// Stands for the split predicate while the fragment query is rendered once; each
+/// fragment's SQL is then the rendered text with its predicate spliced in.
+const PREDICATE_MARKER: &str = "pgfan_split_predicate_7c1e";
+
 impl Shape {
+    /// The SQL of each fragment: the fragment query with its predicate AND-ed to the
+    /// original WHERE. Renders the query once and splices each predicate into the text,
+    /// since rendering (and re-parsing predicates) per fragment dominates planning time.
+    pub fn fragment_sqls(&self, predicates: &[String]) -> Vec<String> {
+        let rendered = self.render(Some(Expr::Identifier(Ident::new(PREDICATE_MARKER))));
+        match rendered.split_once(PREDICATE_MARKER) {
+            Some((head, tail)) if !tail.contains(PREDICATE_MARKER) => predicates
+                .iter()
+                .map(|p| {
+                    let p = if p.is_empty() { "TRUE" } else { p };
+                    let mut sql = String::with_capacity(head.len() + p.len() + tail.len() + 2);
+                    sql.push_str(head);
+                    sql.push('(');
+                    sql.push_str(p);
+                    sql.push(')');
+                    sql.push_str(tail);
+                    sql
+                })
+                .collect(),
+            // The statement itself spells the marker: render each fragment the slow way.
+            _ => predicates.iter().map(|p| self.fragment_sql(p)).collect(),
+        }
+    }
+
     /// The fragment SQL with `predicate` AND-ed to the original WHERE.
-    pub fn fragment_sql(&self, predicate: &str) -> String {
-        let mut q = self.fragment.clone();
+    fn fragment_sql(&self, predicate: &str) -> String {
         let pred = if predicate.is_empty() {
             None
         } else {
@@ -153,6 +211,11 @@ impl Shape {
                 .and_then(|mut p| p.parse_expr())
                 .ok()
         };
+        self.render(pred)
+    }
+
+    fn render(&self, pred: Option<Expr>) -> String {
+        let mut q = self.fragment.clone();
         let selection = match (&self.filter, pred) {
             (Some(w), Some(p)) => Some(Expr::BinaryOp {
                 left: Box::new(Expr::Nested(Box::new(w.clone()))),
@@ -452,10 +515,15 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
         return Err(pass("unsupported_shape", "ORDER BY position with *"));
     }
     if !order.is_empty() {
+        if let Some((keys, visible)) = mergeable_keys(c, table, s, &order)? {
+            return ordered_shape(c, s, &order, keys, visible, limit, offset);
+        }
         let Some(limit) = limit else {
             return Err(pass(
-                "order_without_limit",
-                "ORDER BY without LIMIT (ordered merge is not built yet)",
+                "order_key",
+                "ORDER BY without LIMIT on a key pgfan cannot compare (not a plain column of \
+                 an integer, float, numeric, date/time, bool, uuid or bytea type, or text under \
+                 the C collation)",
             ));
         };
         return topn_shape(c, table, s, &order, limit, offset);
@@ -471,6 +539,115 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
         fragment,
         filter: s.selection.clone(),
         merge: MergeSpec::Concat { limit, offset },
+    })
+}
+
+/// The merge keys of an ORDER BY whose every key is a plain column of a type
+/// [`KeyKind::for_type`] compares, and the number of visible columns; `None` otherwise.
+fn mergeable_keys(
+    c: &Candidate,
+    table: &TableInfo,
+    s: &Select,
+    order: &[OrderByExpr],
+) -> Result<Option<(Vec<MergeKey>, usize)>, PassReason> {
+    let mut visible = 0;
+    for item in &s.projection {
+        visible += match item {
+            SelectItem::Wildcard(o)
+            | SelectItem::QualifiedWildcard(SelectItemQualifiedWildcardKind::ObjectName(_), o)
+                if plain_wildcard(o) =>
+            {
+                table.columns.len()
+            }
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => return Ok(None),
+            _ => 1,
+        };
+    }
+    let mut keys = Vec::with_capacity(order.len());
+    for o in order {
+        let expr = resolve_output_ref(&o.expr, s)?.unwrap_or_else(|| o.expr.clone());
+        let (column, collation) = match strip_nested(&expr) {
+            Expr::Collate { expr, collation } => (strip_nested(expr), Some(collation.to_string())),
+            e => (e, None),
+        };
+        let column = match column {
+            Expr::Identifier(i) => table.column(&fold(i)),
+            Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
+                table.column(&fold(&p[1]))
+            }
+            _ => None,
+        };
+        let Some(column) = column else {
+            return Ok(None);
+        };
+        let collation = collation.or_else(|| column.collation.clone());
+        let c_collation = collation.as_deref().is_some_and(is_c_collation);
+        let Some(kind) = KeyKind::for_type(column.type_oid, c_collation) else {
+            return Ok(None);
+        };
+        let descending = matches!(o.options.sort, Some(OrderBySort::Desc));
+        keys.push(MergeKey {
+            kind,
+            descending,
+            nulls_first: o.options.nulls_first.unwrap_or(descending),
+        });
+    }
+    Ok(Some((keys, visible)))
+}
+
+/// `*` as PostgreSQL spells it, without another dialect's EXCLUDE/REPLACE/… options.
+fn plain_wildcard(o: &WildcardAdditionalOptions) -> bool {
+    o.opt_ilike.is_none()
+        && o.opt_exclude.is_none()
+        && o.opt_except.is_none()
+        && o.opt_replace.is_none()
+        && o.opt_rename.is_none()
+        && o.opt_alias.is_none()
+}
+
+fn strip_nested(e: &Expr) -> &Expr {
+    match e {
+        Expr::Nested(inner) => strip_nested(inner),
+        e => e,
+    }
+}
+
+/// Fragments keep the ORDER BY, return at most limit + offset rows, and append each
+/// key as a hidden column; the merge interleaves them k-way.
+fn ordered_shape(
+    c: &Candidate,
+    s: &Select,
+    order: &[OrderByExpr],
+    keys: Vec<MergeKey>,
+    visible: usize,
+    limit: Option<u64>,
+    offset: u64,
+) -> Result<Shape, PassReason> {
+    let mut fragment = c.query.clone();
+    let SetExpr::Select(fs) = fragment.body.as_mut() else {
+        return Err(pass("unsupported_shape", "not a SELECT"));
+    };
+    for (i, o) in order.iter().enumerate() {
+        let expr = resolve_output_ref(&o.expr, s)?.unwrap_or_else(|| o.expr.clone());
+        fs.projection.push(SelectItem::ExprWithAlias {
+            expr,
+            alias: Ident::new(format!("pgfan_h{i}")),
+        });
+    }
+    fragment.limit_clause = limit.map(|l| LimitClause::LimitOffset {
+        limit: Some(Expr::value(Value::Number((l + offset).to_string(), false))),
+        offset: None,
+        limit_by: vec![],
+    });
+    Ok(Shape {
+        fragment,
+        filter: s.selection.clone(),
+        merge: MergeSpec::Ordered {
+            keys,
+            visible,
+            limit,
+            offset,
+        },
     })
 }
 

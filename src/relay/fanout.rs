@@ -16,6 +16,7 @@ use tracing::{debug, info};
 use crate::backends::pool::{decode_text_row, FragmentPools, LoginKey};
 use crate::config::Config;
 use crate::dispatch::{self, FragmentEvent, FragmentJob};
+use crate::merge::ordered::OrderedMerge;
 use crate::merge::{row_description_types, Concat, ConcatStep, PartialRows};
 use crate::plan::{self, CatalogCache, CombineSpec, MergeSpec, Route, TableInfo};
 use crate::protocol::{self, BindParams};
@@ -230,7 +231,7 @@ where
         Err(Fail::Client) => Outcome::ClientGone,
         Err(Fail::Backend) => Outcome::BackendGone,
     };
-    if let Outcome::Done(_) = outcome {
+    if let (Outcome::Done(_), false) = (&outcome, candidate.explain) {
         metrics::counter!(crate::metrics::QUERIES_TOTAL, "route" => crate::metrics::ROUTE_FANOUT)
             .increment(1);
         metrics::histogram!(crate::metrics::QUERY_DURATION, "route" => crate::metrics::ROUTE_FANOUT)
@@ -378,6 +379,12 @@ pub fn put_text_result(out: &mut BytesMut, column: &str, lines: &[String], tag: 
     out.put_i32(-1);
     out.put_i16(0);
     protocol::patch_len(out, start);
+    put_text_rows(out, lines, tag);
+}
+
+/// Writes one-column text DataRows and their CommandComplete (an Execute's answer).
+pub fn put_text_rows(out: &mut BytesMut, lines: &[String], tag: &str) {
+    use bytes::BufMut;
     for l in lines {
         let start = out.len();
         out.put_u8(b'D');
@@ -414,14 +421,37 @@ where
     if candidate.explain {
         let lines = explain_lines(env, &route, &assignment);
         let mut out = BytesMut::new();
-        put_text_result(&mut out, "QUERY PLAN", &lines, "EXPLAIN");
-        protocol::put_ready_for_query(&mut out, status);
+        if simple {
+            put_text_result(&mut out, "QUERY PLAN", &lines, "EXPLAIN");
+            protocol::put_ready_for_query(&mut out, status);
+        } else {
+            put_text_rows(&mut out, &lines, "EXPLAIN");
+        }
         write_client(client, &out).await?;
-        return Ok(Outcome::Done(Some(status)));
+        return Ok(Outcome::Done(simple.then_some(status)));
     }
     let plan = match route {
         Route::PassThrough(reason) => return Ok(passthrough(session_id, query_id, &reason)),
         Route::FanOut(p) => p,
+    };
+    // an ordered merge reads its keys from hidden binary columns after the client's
+    let ordered_formats = match (&plan.merge, request) {
+        (MergeSpec::Ordered { keys, visible, .. }, Request::Extended { params, .. }) => {
+            match hidden_key_formats(&params.result_formats, *visible, keys.len()) {
+                Some(f) => Some(f),
+                None => {
+                    let reason = plan::PassReason::new(
+                        "result_formats",
+                        "result format codes do not match the columns",
+                    );
+                    return Ok(passthrough(session_id, query_id, &reason));
+                }
+            }
+        }
+        (MergeSpec::Ordered { keys, visible, .. }, Request::Simple) => {
+            hidden_key_formats(&[], *visible, keys.len())
+        }
+        _ => None,
     };
 
     // probe the session: row description (simple protocol), snapshot, settings
@@ -527,6 +557,9 @@ where
     if combine {
         fragment_params.result_formats = vec![1];
     }
+    if let Some(formats) = ordered_formats {
+        fragment_params.result_formats = formats;
+    }
     let jobs: Vec<FragmentJob> = plan
         .fragments
         .iter()
@@ -548,13 +581,36 @@ where
         table = %plan.table,
         "fan-out"
     );
-    let mut events = dispatch::run(jobs, login.clone(), query_id);
     let total = plan.fragments.len();
     // the exporting transactions end once the merge is over
     let _replicas = ReleaseOnDrop(replicas);
 
     match &plan.merge {
+        MergeSpec::Ordered {
+            keys,
+            visible,
+            limit,
+            offset,
+        } => {
+            let Some(streams) = dispatch::run_each(jobs, login.clone(), query_id).await else {
+                if simple {
+                    pinned.sync(client).await?;
+                }
+                let reason = plan::PassReason::new("pool_busy", "fragment slots not free");
+                return Ok(passthrough(session_id, query_id, &reason));
+            };
+            let merge = OrderedMerge::new(keys.clone(), *visible, total);
+            let ctx = MergeContext {
+                session_id,
+                query_id,
+                simple,
+                row_description: probe.row_description.as_deref(),
+            };
+            let concat = Concat::new(*limit, *offset);
+            merge_ordered(ctx, merge, streams, concat, pinned, client).await
+        }
         MergeSpec::Concat { limit, offset } => {
+            let mut events = dispatch::run(jobs, login.clone(), query_id);
             let mut concat = Concat::new(*limit, *offset);
             let mut started = false;
             let mut done = 0;
@@ -632,6 +688,7 @@ where
             Ok(Outcome::Done(z))
         }
         MergeSpec::Combine(spec) => {
+            let mut events = dispatch::run(jobs, login.clone(), query_id);
             let mut partial = PartialRows::default();
             let mut done = 0;
             let mut failure = None;
@@ -816,6 +873,145 @@ fn var_input_is_float(spec: &CombineSpec, partial: &PartialRows, agg: usize) -> 
 /// Sends the probe (and, for the simple protocol, Parse/Describe of the statement) on the
 /// session's connection without Sync, so the snapshot stays importable. `Ok(Err(body))` is
 /// PostgreSQL's error for the statement.
+/// Bind result formats for an ordered merge's fragments: the client's codes spread over
+/// the `visible` columns, then binary for each hidden key. `None` when the client's codes
+/// do not fit the columns (PostgreSQL's own error then comes from pass-through).
+fn hidden_key_formats(client: &[i16], visible: usize, keys: usize) -> Option<Vec<i16>> {
+    let mut formats = match client.len() {
+        0 => vec![0; visible],
+        1 => vec![client[0]; visible],
+        n if n == visible => client.to_vec(),
+        _ => return None,
+    };
+    formats.extend(std::iter::repeat_n(1, keys));
+    Some(formats)
+}
+
+/// What a merge needs to know about the statement it answers.
+struct MergeContext<'a> {
+    session_id: u64,
+    query_id: u64,
+    simple: bool,
+    /// RowDescription for a simple Query (the extended client described the statement).
+    row_description: Option<&'a [u8]>,
+}
+
+/// Streams the k-way merge of sorted fragment streams to the client: waits for the next
+/// row of whichever fragment the merge needs, sends the smallest head row without its
+/// hidden key columns, and applies LIMIT/OFFSET.
+async fn merge_ordered<R, W, C>(
+    ctx: MergeContext<'_>,
+    mut merge: OrderedMerge,
+    mut streams: Vec<tokio::sync::mpsc::Receiver<FragmentEvent>>,
+    mut concat: Concat,
+    pinned: &mut Pinned<'_, R, W>,
+    client: &mut C,
+) -> Result<Outcome, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    let mut started = false;
+    let mut expected: Option<Vec<u32>> = None;
+    let failure = loop {
+        if concat.full() {
+            break None;
+        }
+        if let Some(i) = merge.waiting_for() {
+            let event = match streams.get_mut(i) {
+                Some(s) => s.recv().await,
+                None => None,
+            };
+            match event {
+                Some(FragmentEvent::Described { body, .. }) => {
+                    // every fragment must describe the same columns (a stale catalog
+                    // could expand `*` differently): otherwise pass through
+                    let types = row_description_types(&body);
+                    match &expected {
+                        None => expected = types,
+                        Some(e) if Some(e) == types.as_ref() => {}
+                        Some(_) => {
+                            break Some((None, "fragments describe different columns".into()))
+                        }
+                    }
+                    if !expected.as_deref().is_some_and(|t| merge.accepts(t)) {
+                        break Some((None, "fragment columns differ from the plan".into()));
+                    }
+                }
+                Some(FragmentEvent::Row { message, .. }) => merge.push(i, message),
+                Some(FragmentEvent::Done { .. }) => merge.finish(i),
+                Some(FragmentEvent::Failed { error, cause, .. }) => break Some((error, cause)),
+                None => break Some((None, "fragment stream ended".into())),
+            }
+            continue;
+        }
+        let Some(row) = merge.pop() else {
+            break None; // every fragment is done
+        };
+        if !started {
+            started = true;
+            if let (true, Some(rd)) = (ctx.simple, ctx.row_description) {
+                protocol::put_message(&mut out, b'T', rd);
+            }
+        }
+        match concat.step() {
+            ConcatStep::Send => out.extend_from_slice(&row),
+            ConcatStep::Skip => {}
+            ConcatStep::Stop => break None,
+        }
+        if out.len() >= 64 << 10 {
+            write_client(client, &out).await?;
+            client.flush().await.map_err(|_| Fail::Client)?;
+            out.clear();
+        }
+    };
+    // stops every fragment still running
+    drop(streams);
+    if let Some((error, cause)) = failure {
+        debug!(session = ctx.session_id, query = ctx.query_id, cause = %cause, "fragment failed");
+        if !started {
+            if ctx.simple {
+                pinned.sync(client).await?;
+            }
+            return Ok(passthrough(
+                ctx.session_id,
+                ctx.query_id,
+                &plan::PassReason::new("fragment_failed", cause),
+            ));
+        }
+        write_client(client, &out).await?;
+        let mut e = match error {
+            Some(b) => protocol::strip_error_position(&b),
+            None => protocol::ErrorFields::error("08006", cause).to_bytes(),
+        };
+        if ctx.simple {
+            let z = pinned.sync(client).await?;
+            protocol::put_ready_for_query(&mut e, z);
+            write_client(client, &e).await?;
+            return Ok(Outcome::Done(Some(z)));
+        }
+        write_client(client, &e).await?;
+        return Ok(Outcome::Done(None));
+    }
+    if !started && ctx.simple {
+        if let Some(rd) = ctx.row_description {
+            protocol::put_message(&mut out, b'T', rd);
+        }
+    }
+    protocol::put_command_complete(&mut out, &format!("SELECT {}", concat.sent));
+    let z = if ctx.simple {
+        let z = pinned.sync(client).await?;
+        protocol::put_ready_for_query(&mut out, z);
+        Some(z)
+    } else {
+        None
+    };
+    write_client(client, &out).await?;
+    Ok(Outcome::Done(z))
+}
+
 async fn probe<R, W, C>(
     pinned: &mut Pinned<'_, R, W>,
     client: &mut C,

@@ -47,7 +47,8 @@ pub struct FanoutSession<'a> {
 
 /// A parsed statement that may fan out when executed.
 struct Prepared {
-    candidate: Arc<Candidate>,
+    /// The candidate; `Err` only for an EXPLAIN FANOUT of a statement that is not one.
+    candidate: Result<Arc<Candidate>, plan::PassReason>,
     sql: String,
     param_types: Vec<u32>,
 }
@@ -67,6 +68,17 @@ enum Held {
     /// EXPLAIN FANOUT of a statement that is not a candidate at all.
     Explain {
         reason: plan::PassReason,
+        len: usize,
+        /// Answered inside an extended-protocol batch: rows and tag only.
+        extended: bool,
+    },
+    /// A Parse of EXPLAIN FANOUT: PostgreSQL gets a stand-in statement with the same
+    /// parameters and EXPLAIN's result column, so Bind and Describe get its own answers,
+    /// and pgfan answers the Execute.
+    ExplainParse {
+        prepared: Arc<Prepared>,
+        name: String,
+        substitute: Bytes,
         len: usize,
     },
 }
@@ -352,7 +364,10 @@ where
                         params,
                         len,
                     }) => (
-                        prepared.candidate.clone(),
+                        match &prepared.candidate {
+                            Ok(c) => c.clone(),
+                            Err(_) => continue,
+                        },
                         prepared.sql.clone(),
                         Request::Extended {
                             param_types: prepared.param_types.clone(),
@@ -360,17 +375,37 @@ where
                         },
                         len,
                     ),
-                    Some(Held::Explain { reason, len }) => {
+                    Some(Held::Explain {
+                        reason,
+                        len,
+                        extended,
+                    }) => {
                         let mut out = BytesMut::new();
-                        fanout::put_text_result(
-                            &mut out,
-                            "QUERY PLAN",
-                            &[format!("PassThrough: {reason}")],
-                            "EXPLAIN",
-                        );
-                        protocol::put_ready_for_query(&mut out, tracker.state.status);
+                        let lines = [format!("PassThrough: {reason}")];
+                        if extended {
+                            fanout::put_text_rows(&mut out, &lines, "EXPLAIN");
+                        } else {
+                            fanout::put_text_result(&mut out, "QUERY PLAN", &lines, "EXPLAIN");
+                            protocol::put_ready_for_query(&mut out, tracker.state.status);
+                        }
                         to_client.push(out.freeze());
                         let _ = client_in.split_to(len.min(client_in.len()));
+                        take_client_input!();
+                        continue;
+                    }
+                    Some(Held::ExplainParse {
+                        prepared,
+                        name,
+                        substitute,
+                        len,
+                    }) => {
+                        // the stand-in Parse goes on in the original's place, unwatched
+                        let rest = client_in.split_off(len.min(client_in.len()));
+                        client_in.clear();
+                        client_in.extend_from_slice(&substitute);
+                        client_in.unsplit(rest);
+                        intercept.statements.insert(name, prepared);
+                        intercept.bypass = true;
                         take_client_input!();
                         continue;
                     }
@@ -624,6 +659,7 @@ fn watch_client(
                     intercept.held = Some(Held::Explain {
                         reason,
                         len: header.total(),
+                        extended: false,
                     });
                     return Visit::Stop;
                 }
@@ -644,18 +680,35 @@ fn watch_client(
                 return Visit::Forward;
             };
             seen_sql(&sql, intercept);
+            if bypass {
+                // the stand-in of an EXPLAIN FANOUT: its statement entry is already made
+                return Visit::Forward;
+            }
             let n = r.i16().unwrap_or(0).max(0);
             let param_types: Vec<u32> = (0..n).map_while(|_| r.u32()).collect();
+            if plan::is_explain_fanout(&sql) {
+                let substitute = explain_stand_in(&name, &sql, &param_types);
+                intercept.held = Some(Held::ExplainParse {
+                    prepared: Arc::new(Prepared {
+                        candidate: Candidate::parse(&sql).map(Arc::new),
+                        sql,
+                        param_types,
+                    }),
+                    name,
+                    substitute,
+                    len: header.total(),
+                });
+                return Visit::Stop;
+            }
             let candidate = plan::worth_parsing(&sql)
                 .then(|| Candidate::parse(&sql).ok())
-                .flatten()
-                .filter(|c| !c.explain);
+                .flatten();
             match candidate {
                 Some(c) => {
                     intercept.statements.insert(
                         name,
                         Arc::new(Prepared {
-                            candidate: Arc::new(c),
+                            candidate: Ok(Arc::new(c)),
                             sql,
                             param_types,
                         }),
@@ -702,14 +755,31 @@ fn watch_client(
             let (Some(portal), Some(max_rows)) = (r.cstr(), r.i32()) else {
                 return Visit::Forward;
             };
-            if bypass || max_rows != 0 || tracker.batch_failed || intercept.savepoint {
+            if bypass || tracker.batch_failed {
                 return Visit::Forward;
             }
             let Some((prepared, params)) = intercept.portals.get(&portal).cloned() else {
                 return Visit::Forward;
             };
-            if passes_cached(fs, tracker.state.status, &prepared.candidate) {
-                return Visit::Forward;
+            match &prepared.candidate {
+                // EXPLAIN FANOUT answers whatever the state (the stand-in would run instead)
+                Err(reason) => {
+                    intercept.held = Some(Held::Explain {
+                        reason: reason.clone(),
+                        len: header.total(),
+                        extended: true,
+                    });
+                    return Visit::Stop;
+                }
+                Ok(c) if c.explain => {}
+                Ok(c) => {
+                    if max_rows != 0
+                        || intercept.savepoint
+                        || passes_cached(fs, tracker.state.status, c)
+                    {
+                        return Visit::Forward;
+                    }
+                }
             }
             intercept.held = Some(Held::Execute {
                 prepared,
@@ -720,6 +790,29 @@ fn watch_client(
         }
         _ => Visit::Forward,
     }
+}
+
+/// A Parse of a stand-in for `EXPLAIN FANOUT …` under statement `name`: one text column
+/// named `QUERY PLAN` and no rows. A SELECT is wrapped as a subquery, so PostgreSQL infers
+/// its parameters' types as for the statement itself; anything else gets text parameters
+/// (declared types kept). Bind and Describe then get PostgreSQL's own answers.
+fn explain_stand_in(name: &str, sql: &str, param_types: &[u32]) -> Bytes {
+    let inner = plan::explained_statement(sql).trim_end_matches([';', ' ', '\t', '\r', '\n']);
+    let text = if plan::worth_parsing(inner) {
+        format!(
+            "SELECT NULL::text AS \"QUERY PLAN\" FROM ({inner}\n) AS pgfan_explained WHERE false"
+        )
+    } else {
+        let count = plan::max_parameter(sql).max(param_types.len());
+        let mut text = String::from("SELECT NULL::text AS \"QUERY PLAN\" WHERE false");
+        for i in 1..=count {
+            text.push_str(&format!(" AND ${i}::text IS NULL"));
+        }
+        text
+    };
+    let mut out = BytesMut::new();
+    protocol::put_parse(&mut out, name, &text, param_types);
+    out.freeze()
 }
 
 /// True when cached catalog facts already say the statement passes through (the common
