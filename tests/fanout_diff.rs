@@ -80,6 +80,8 @@ struct Query {
     expect: Expect,
     /// float4/float8 columns may differ by a relative 1e-12.
     float_tol: bool,
+    /// Text some line of EXPLAIN FANOUT must contain (the merge it must use).
+    merge: Option<&'static str>,
 }
 
 fn query(sql: impl Into<String>, route: Route) -> Query {
@@ -89,6 +91,7 @@ fn query(sql: impl Into<String>, route: Route) -> Query {
         route,
         expect: Expect::Ok,
         float_tol: false,
+        merge: None,
     }
 }
 
@@ -108,6 +111,12 @@ fn any(sql: impl Into<String>) -> Query {
 }
 
 impl Query {
+    /// EXPLAIN FANOUT must show this merge (a substring of one of its lines).
+    fn merge(mut self, merge: &'static str) -> Self {
+        self.merge = Some(merge);
+        self
+    }
+
     fn tol(self) -> Self {
         self.tol_if(true)
     }
@@ -424,6 +433,68 @@ fn generated() -> Vec<Query> {
             i * 3
         )));
     }
+
+    // Ordered scans without LIMIT: a k-way merge of sorted fragments on keys pgfan
+    // compares itself (integers, numeric, floats with NaN/Infinity, dates and times, bool,
+    // text under "C"), with id as the last key so the order is total.
+    let keys = [
+        "i2",
+        "i4 DESC",
+        "i8 NULLS FIRST",
+        "n",
+        "n DESC NULLS LAST",
+        "f8",
+        "f8 DESC",
+        "f4 NULLS FIRST",
+        "ts",
+        "ts DESC",
+        "d DESC NULLS LAST",
+        "b",
+        "b DESC",
+        "k",
+        "grp NULLS FIRST",
+        "t COLLATE \"C\"",
+        "t COLLATE \"C\" DESC",
+    ];
+    let filters = [
+        "id % 37 = 0",
+        "k % 11 = 3 AND i4 IS NOT NULL",
+        "g100 < 4",
+        "f8 IS NULL OR n < 0 AND id % 5 = 0",
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        let filter = filters[i % filters.len()];
+        let col = key.split_whitespace().next().unwrap_or("id");
+        c.push(
+            fan(format!(
+                "SELECT id, {col}, t FROM facts WHERE {filter} ORDER BY {key}, id"
+            ))
+            .merge("ordered merge"),
+        );
+    }
+    c.push(
+        fan("SELECT * FROM facts WHERE id % 101 = 0 ORDER BY ts DESC, id").merge("ordered merge"),
+    );
+    c.push(
+        fan("SELECT id AS x, n FROM facts WHERE id % 53 = 0 ORDER BY x DESC")
+            .merge("ordered merge"),
+    );
+    c.push(
+        fan("SELECT n, id FROM facts WHERE id % 53 = 0 ORDER BY 1, 2 OFFSET 40")
+            .merge("ordered merge"),
+    );
+    c.push(
+        fan("SELECT id, f8 FROM facts WHERE id % 7 = 0 ORDER BY f8 DESC NULLS LAST, id LIMIT 50 OFFSET 20")
+            .merge("ordered merge"),
+    );
+    c.push(fan("SELECT id, t FROM facts WHERE id % 7 = 0 ORDER BY t, id LIMIT 30").merge("top-N"));
+    // text under the database's (non-C) collation: pgfan cannot compare it, no LIMIT
+    c.push(pass(
+        "SELECT id, t FROM facts WHERE id % 7 = 0 ORDER BY t, id",
+    ));
+    c.push(pass(
+        "SELECT id, k FROM facts WHERE id % 7 = 0 ORDER BY k % 10, id",
+    ));
     c
 }
 
@@ -1263,6 +1334,18 @@ async fn check_route(
     let Some(line) = first else {
         return Ok(Err("EXPLAIN FANOUT returned no rows".into()));
     };
+    if let Some(m) = q.merge {
+        let shown = s.rows.iter().any(|r| {
+            r.first()
+                .and_then(|v| v.as_ref())
+                .is_some_and(|v| String::from_utf8_lossy(&v.0).contains(m))
+        });
+        if !shown {
+            return Ok(Err(format!(
+                "EXPLAIN FANOUT shows no {m:?} (first line {line:?})"
+            )));
+        }
+    }
     let ok = route_ok(q.route, &line);
     Ok(if ok {
         Ok(line)
