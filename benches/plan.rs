@@ -168,6 +168,13 @@ fn bench_plan(c: &mut Criterion) {
     g.bench_function("tpch_q1/parse+plan", |b| {
         b.iter(|| parse_and_plan(black_box(TPCH_Q1), &lineitem, &cfg))
     });
+    let q1 = Candidate::parse(TPCH_Q1).expect("TPC-H Q1 parses");
+    g.bench_function("tpch_q1/analyze", |b| {
+        b.iter(|| plan::rewrite::analyze(black_box(&q1), &lineitem))
+    });
+    g.bench_function("tpch_q1/split", |b| {
+        b.iter(|| plan::split::choose(black_box(&q1), &lineitem, &cfg, SLOTS))
+    });
     g.bench_function("oltp_point/parse", |b| {
         b.iter(|| Candidate::parse(black_box(POINT_QUERY)))
     });

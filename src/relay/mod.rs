@@ -182,6 +182,9 @@ struct Tracker<'a> {
     expect: VecDeque<u8>,
     /// The backend is skipping messages up to the next Sync after an error.
     batch_failed: bool,
+    /// A BEGIN completed since the last ReadyForQuery (a pipeline that opens a
+    /// transaction block before its Sync): the last status says idle, but it is not.
+    began: bool,
     metrics: &'a SessionMetrics,
     state: &'a mut SessionState,
 }
@@ -197,12 +200,33 @@ impl Tracker<'_> {
 
     fn ready(&mut self, status: u8) {
         self.state.status = status;
+        self.began = false;
         if let Some(start) = self.inflight.pop_front() {
             self.metrics.duration.record(start.elapsed().as_secs_f64());
             if self.inflight.is_empty() {
                 self.metrics.backend_active.decrement(1.0);
                 self.metrics.backend_idle.increment(1.0);
             }
+        }
+    }
+
+    /// The transaction status as of the last reply: ReadyForQuery's, or `T` once a
+    /// pipelined BEGIN has completed (fan-out then keeps to the session's snapshot).
+    fn status_now(&self) -> u8 {
+        if self.began && self.state.status == b'I' {
+            b'T'
+        } else {
+            self.state.status
+        }
+    }
+
+    /// Notes a CommandComplete tag of the pinned backend.
+    fn completed(&mut self, tag: &[u8]) {
+        let word = tag.split(|b| *b == b' ' || *b == 0).next().unwrap_or(&[]);
+        match word {
+            b"BEGIN" | b"START" => self.began = true,
+            b"COMMIT" | b"ROLLBACK" => self.began = false,
+            _ => {}
         }
     }
 
@@ -292,6 +316,7 @@ where
         unsynced: false,
         expect: VecDeque::new(),
         batch_failed: false,
+        began: false,
         metrics,
         state,
     };
@@ -420,7 +445,7 @@ where
                     fs.env,
                     session_id,
                     &fs.login,
-                    tracker.state.status,
+                    tracker.status_now(),
                     &candidate,
                     &sql,
                     request,
@@ -665,7 +690,7 @@ fn watch_client(
                 }
                 Err(_) => return Visit::Forward,
             };
-            if !candidate.explain && passes_cached(fs, tracker.state.status, &candidate) {
+            if !candidate.explain && passes_cached(fs, tracker.status_now(), &candidate) {
                 return Visit::Forward;
             }
             intercept.held = Some(Held::Query {
@@ -775,7 +800,7 @@ fn watch_client(
                 Ok(c) => {
                     if max_rows != 0
                         || intercept.savepoint
-                        || passes_cached(fs, tracker.state.status, c)
+                        || passes_cached(fs, tracker.status_now(), c)
                     {
                         return Visit::Forward;
                     }
@@ -837,10 +862,11 @@ fn scan_backend(
 ) -> Result<usize, (usize, protocol::FrameError)> {
     cursor.scan(
         buf,
-        |tag| tag == b'Z' || tag == b'S',
+        |tag| matches!(tag, b'Z' | b'S' | b'C'),
         |header, body| {
             tracker.reply(header.tag);
             match (header.tag, body) {
+                (b'C', Some(body)) => tracker.completed(body),
                 (b'Z', Some(body)) => {
                     let status = body.first().copied().unwrap_or(b'I');
                     tracker.ready(status);
