@@ -5,12 +5,14 @@
 //! one table, whitelisted functions only); [`plan`] then decides with catalog facts (size,
 //! indexes, histograms, collations) how to split it, or passes it through.
 
+pub mod cache;
 pub mod catalog;
 pub mod rewrite;
 pub mod split;
 
 use std::fmt;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use sqlparser::ast::{
     Distinct, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident,
@@ -84,6 +86,8 @@ pub struct Candidate {
     pub qualifiers: Vec<String>,
     /// `EXPLAIN FANOUT <query>`: describe, do not run.
     pub explain: bool,
+    /// Its analysis against the last catalog entry it was planned with.
+    pub shape: cache::ShapeMemo,
 }
 
 /// Functions that are immutable (or depend only on settings pgfan copies to fragments), so
@@ -346,6 +350,7 @@ impl Candidate {
             table,
             qualifiers,
             explain,
+            shape: cache::ShapeMemo::default(),
         })
     }
 }
@@ -560,7 +565,23 @@ fn aggregate_problem(f: &sqlparser::ast::Function) -> Option<String> {
 /// Decides the route of a candidate with the table's catalog facts. `slots` is the number
 /// of fragment connections the usable backends have.
 pub fn plan(c: &Candidate, table: &TableInfo, cfg: &FanoutConfig, slots: usize) -> Route {
-    match plan_inner(c, table, cfg, slots) {
+    let shape = || rewrite::analyze(c, table).map(Arc::new);
+    match plan_inner(c, table, cfg, slots, shape) {
+        Ok(p) => Route::FanOut(Box::new(p)),
+        Err(r) => Route::PassThrough(r),
+    }
+}
+
+/// [`plan`] with the candidate's analysis kept for the next time it meets the same
+/// catalog entry (see [`cache::ShapeMemo`]).
+pub fn plan_shared(
+    c: &Candidate,
+    table: &Arc<TableInfo>,
+    cfg: &FanoutConfig,
+    slots: usize,
+) -> Route {
+    let shape = || c.shape.analyze(c, table);
+    match plan_inner(c, table, cfg, slots, shape) {
         Ok(p) => Route::FanOut(Box::new(p)),
         Err(r) => Route::PassThrough(r),
     }
@@ -571,6 +592,7 @@ fn plan_inner(
     table: &TableInfo,
     cfg: &FanoutConfig,
     slots: usize,
+    shape: impl FnOnce() -> Result<Arc<rewrite::Shape>, PassReason>,
 ) -> Result<Plan, PassReason> {
     match table.kind {
         'r' | 'm' => {}
@@ -588,14 +610,14 @@ fn plan_inner(
             "temporary table (other connections cannot see it)",
         ));
     }
-    let shape = rewrite::analyze(c, table)?;
+    let shape = shape()?;
     let split = split::choose(c, table, cfg, slots)?;
     let fragments = shape.fragment_sqls(&split.predicates());
     Ok(Plan {
         table: table.qualified.clone(),
         split,
         fragments,
-        merge: shape.merge,
+        merge: shape.merge.clone(),
     })
 }
 

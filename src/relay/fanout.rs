@@ -34,6 +34,8 @@ pub struct FanoutEnv {
     pub pools: Arc<FragmentPools>,
     /// Catalog cache.
     pub catalog: Arc<CatalogCache>,
+    /// Parsed statements by text.
+    pub statements: Arc<plan::cache::StatementCache>,
 }
 
 /// The statement to run, as the client sent it.
@@ -282,7 +284,7 @@ pub async fn route_for(
         );
     }
     match table_info(env, login, &candidate.table).await {
-        Ok(table) => route_with(env, status, candidate, table.as_deref()),
+        Ok(table) => route_with(env, status, candidate, table.as_ref()),
         Err(e) => (
             Route::PassThrough(plan::PassReason::new("catalog", format!("catalog: {e}"))),
             vec![],
@@ -304,14 +306,14 @@ pub fn cached_route(
         )));
     }
     let table = env.catalog.get(&login.1, &candidate.table)?;
-    Some(route_with(env, status, candidate, table.as_deref()).0)
+    Some(route_with(env, status, candidate, table.as_ref()).0)
 }
 
 fn route_with(
     env: &FanoutEnv,
     status: u8,
     candidate: &plan::Candidate,
-    table: Option<&TableInfo>,
+    table: Option<&Arc<TableInfo>>,
 ) -> (Route, Vec<usize>) {
     let Some(table) = table else {
         return (
@@ -331,7 +333,7 @@ fn route_with(
         .iter()
         .map(|i| env.pools.backends[*i].capacity())
         .sum();
-    let route = plan::plan(candidate, table, &env.config.fanout, slots);
+    let route = plan::plan_shared(candidate, table, &env.config.fanout, slots);
     let n = match &route {
         Route::FanOut(p) => p.fragments.len(),
         Route::PassThrough(_) => 0,

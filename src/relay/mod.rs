@@ -678,7 +678,7 @@ fn watch_client(
             if bypass || intercept.savepoint || tracker.unsynced || !plan::worth_parsing(&sql) {
                 return Visit::Forward;
             }
-            let candidate = match Candidate::parse(&sql) {
+            let candidate = match fs.env.statements.parse(&sql) {
                 Ok(c) => c,
                 Err(reason) if plan::is_explain_fanout(&sql) => {
                     intercept.held = Some(Held::Explain {
@@ -694,7 +694,7 @@ fn watch_client(
                 return Visit::Forward;
             }
             intercept.held = Some(Held::Query {
-                candidate: Arc::new(candidate),
+                candidate: candidate,
                 sql,
                 len: header.total(),
             });
@@ -715,7 +715,7 @@ fn watch_client(
                 let substitute = explain_stand_in(&name, &sql, &param_types);
                 intercept.held = Some(Held::ExplainParse {
                     prepared: Arc::new(Prepared {
-                        candidate: Candidate::parse(&sql).map(Arc::new),
+                        candidate: fs.env.statements.parse(&sql),
                         sql,
                         param_types,
                     }),
@@ -726,14 +726,14 @@ fn watch_client(
                 return Visit::Stop;
             }
             let candidate = plan::worth_parsing(&sql)
-                .then(|| Candidate::parse(&sql).ok())
+                .then(|| fs.env.statements.parse(&sql).ok())
                 .flatten();
             match candidate {
                 Some(c) => {
                     intercept.statements.insert(
                         name,
                         Arc::new(Prepared {
-                            candidate: Ok(Arc::new(c)),
+                            candidate: Ok(c),
                             sql,
                             param_types,
                         }),

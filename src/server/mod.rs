@@ -81,6 +81,7 @@ impl ServerContext {
                 config: config.clone(),
                 pools: Arc::new(crate::backends::pool::FragmentPools::new(&config)),
                 catalog: Arc::new(crate::plan::CatalogCache::new(config.fanout.catalog_ttl)),
+                statements: Arc::new(crate::plan::cache::StatementCache::default()),
             },
             next_session: AtomicU64::new(1),
         })
