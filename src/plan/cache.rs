@@ -41,11 +41,14 @@ impl StatementCache {
     }
 }
 
+/// An analysis and the catalog entry it was made against.
+type Analysis = (Arc<TableInfo>, Result<Arc<Shape>, PassReason>);
+
 /// The analysis of one candidate, kept with the catalog entry it was made against (a new
 /// entry after a TTL refresh or DDL means a new analysis).
 #[derive(Default)]
 pub struct ShapeMemo {
-    last: Mutex<Option<(Arc<TableInfo>, Result<Arc<Shape>, PassReason>)>>,
+    last: Mutex<Option<Analysis>>,
 }
 
 impl ShapeMemo {

@@ -694,7 +694,7 @@ fn watch_client(
                 return Visit::Forward;
             }
             intercept.held = Some(Held::Query {
-                candidate: candidate,
+                candidate,
                 sql,
                 len: header.total(),
             });
