@@ -251,6 +251,10 @@ pub struct FanoutConfig {
     /// Configured split columns, by table name as written in queries (`events` or
     /// `public.events`).
     pub split_columns: Vec<(String, String)>,
+    /// A GROUP BY whose estimated groups are more than the table's rows divided by this
+    /// passes through: every fragment would ship nearly all its rows to the combine.
+    /// 0: never pass through for this reason.
+    pub min_rows_per_group: u64,
 }
 
 impl Default for FanoutConfig {
@@ -262,6 +266,7 @@ impl Default for FanoutConfig {
             max_replica_lag_bytes: 0,
             catalog_ttl: std::time::Duration::from_secs(60),
             split_columns: Vec::new(),
+            min_rows_per_group: 100,
         }
     }
 }
@@ -308,6 +313,7 @@ struct RawFanout {
     max_fragments: Option<Spanned<i64>>,
     max_replica_lag_bytes: Option<Spanned<i64>>,
     catalog_ttl_secs: Option<Spanned<i64>>,
+    min_rows_per_group: Option<Spanned<i64>>,
     #[serde(default)]
     tables: Vec<RawSplitTable>,
 }
@@ -624,6 +630,9 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
         }
         if let Some(v) = non_negative(&f.catalog_ttl_secs, "catalog_ttl_secs", 0)? {
             fanout.catalog_ttl = std::time::Duration::from_secs(v);
+        }
+        if let Some(v) = non_negative(&f.min_rows_per_group, "min_rows_per_group", 0)? {
+            fanout.min_rows_per_group = v;
         }
         fanout.split_columns = f
             .tables

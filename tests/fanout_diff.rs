@@ -1414,6 +1414,47 @@ async fn check_routes(corpus: &[Query], addr: &str, direct_mode: bool) -> (Vec<S
     (failures, log)
 }
 
+/// With the default `min_rows_per_group`, a GROUP BY into about as many groups as rows
+/// passes through (reason many_groups) and one into few groups still fans out.
+async fn check_many_groups_rule() -> Vec<String> {
+    let pgfan = Pgfan::start_with_config(&fanout_config_toml(), &[]);
+    let mut failures = Vec::new();
+    let mut client = match WireClient::connect(&pgfan.addr(), "postgres", DB).await {
+        Ok(c) => c,
+        Err(e) => return vec![format!("[many_groups] connect: {e}")],
+    };
+    for (sql, want) in [
+        (
+            "SELECT id, count(*) FROM facts GROUP BY id",
+            "PassThrough: about",
+        ),
+        (
+            "SELECT id AS x, sum(i4) FROM facts GROUP BY x",
+            "PassThrough: about",
+        ),
+        ("SELECT grp, count(*) FROM facts GROUP BY grp", "FanOut:"),
+        ("SELECT k % 10, count(*) FROM facts GROUP BY 1", "FanOut:"),
+    ] {
+        let first = match client.simple_query(&format!("EXPLAIN FANOUT {sql}")).await {
+            Ok(t) => summarize(&t)
+                .rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned()),
+            Err(e) => {
+                failures.push(format!("[many_groups] {sql}: {e}"));
+                continue;
+            }
+        };
+        if !first.as_deref().is_some_and(|l| l.starts_with(want)) {
+            failures.push(format!(
+                "[many_groups] {sql}: expected {want:?}, EXPLAIN FANOUT says {first:?}"
+            ));
+        }
+    }
+    failures
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------
@@ -1423,7 +1464,10 @@ async fn fanout_differential() {
     let started = Instant::now();
     let corpus = corpus();
     setup_database().await;
-    let pgfan = Pgfan::start_with_config(&fanout_config_toml(), &[]);
+    // every GROUP BY fans out here, however many groups (the exactness of the combine is
+    // what this suite checks); the default's many_groups rule is checked below
+    let config = format!("{}min_rows_per_group = 0\n", fanout_config_toml());
+    let pgfan = Pgfan::start_with_config(&config, &[]);
     let direct_mode = Pgfan::direct_mode();
     let addr = pgfan.addr();
     eprintln!(
@@ -1454,6 +1498,11 @@ async fn fanout_differential() {
             logs.join(format!("fanout-diff-{}-direct.txt", mode.tag())),
             &r.dump,
         );
+    }
+
+    let mut route_failures = route_failures;
+    if !direct_mode {
+        route_failures.extend(check_many_groups_rule().await);
     }
 
     let corpus_bugs: Vec<&String> = [&simple, &ext_text, &ext_binary]

@@ -611,6 +611,19 @@ fn plan_inner(
         ));
     }
     let shape = shape()?;
+    if cfg.min_rows_per_group > 0 && matches!(shape.merge, MergeSpec::Combine(_)) {
+        if let Some(groups) = rewrite::estimated_groups(c, table) {
+            if groups * cfg.min_rows_per_group as f64 > table.reltuples {
+                return Err(PassReason::new(
+                    "many_groups",
+                    format!(
+                        "about {groups:.0} groups in {:.0} rows: fragments would ship nearly every row to the combine",
+                        table.reltuples
+                    ),
+                ));
+            }
+        }
+    }
     let split = split::choose(c, table, cfg, slots)?;
     let fragments = shape.fragment_sqls(&split.predicates());
     Ok(Plan {

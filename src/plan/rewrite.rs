@@ -694,6 +694,48 @@ fn topn_shape(
     })
 }
 
+/// The number of groups a GROUP BY over plain columns makes, estimated from
+/// `pg_stats.n_distinct` (a NULL key counts as one more group); `None` without a GROUP
+/// BY, for expression keys or without statistics.
+pub fn estimated_groups(c: &Candidate, table: &TableInfo) -> Option<f64> {
+    let SetExpr::Select(s) = c.query.body.as_ref() else {
+        return None;
+    };
+    let GroupByExpr::Expressions(keys, _) = &s.group_by else {
+        return None;
+    };
+    let rows = table.reltuples;
+    if keys.is_empty() || rows <= 0.0 {
+        return None;
+    }
+    let mut groups = 1.0f64;
+    for k in keys {
+        // a GROUP BY name is an input column first, an output alias second
+        let column = |e: &Expr| match strip_nested(e) {
+            Expr::Identifier(i) => table.column(&fold(i)),
+            Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
+                table.column(&fold(&p[1]))
+            }
+            _ => None,
+        };
+        let col = match column(k) {
+            Some(col) => col,
+            None => {
+                let resolved = resolve_output_ref(k, s).ok()??;
+                column(&resolved)?
+            }
+        };
+        let distinct = match col.n_distinct {
+            d if d > 0.0 => d,
+            d if d < 0.0 => -d * rows,
+            _ => return None,
+        };
+        let nulls = if col.null_frac > 0.0 { 1.0 } else { 0.0 };
+        groups *= distinct.max(1.0) + nulls;
+    }
+    Some(groups.min(rows))
+}
+
 /// For an ORDER BY / GROUP BY item that names an output column (position or alias), the
 /// output expression.
 fn resolve_output_ref(e: &Expr, s: &Select) -> Result<Option<Expr>, PassReason> {
