@@ -198,7 +198,12 @@ async fn run_one(
     let mut error: Option<BytesMut> = None;
     let mut ready = 0;
     while ready < 3 {
-        let (tag, body) = conn.next().await.map_err(|e| e.to_string())?;
+        // a merge that stops (cancel, LIMIT reached, client gone) drops its receiver:
+        // stop waiting for the backend at once, so the caller cancels its work
+        let (tag, body) = tokio::select! {
+            m = conn.next() => m.map_err(|e| e.to_string())?,
+            _ = tx.closed() => return Err("merge stopped".to_string()),
+        };
         match tag {
             // ready == 1: past the setup query, inside the fragment's own reply
             b'T' if error.is_none() && ready == 1 => {

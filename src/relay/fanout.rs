@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
 use crate::backends::pool::{decode_text_row, FragmentPools, LoginKey};
@@ -58,6 +58,10 @@ pub enum Outcome {
     PassThrough,
     /// The statement was answered; for a simple Query, with this ReadyForQuery status.
     Done(Option<u8>),
+    /// The statement was answered with an error, and the primary connection was left as
+    /// PostgreSQL would be after it: for a simple Query, with this ReadyForQuery status;
+    /// in an extended batch, skipping messages until the client's Sync.
+    Failed(Option<u8>),
     /// The client went away.
     ClientGone,
     /// The primary connection failed.
@@ -159,6 +163,63 @@ enum Fail {
     Backend,
 }
 
+/// Client bytes read (and kept for the relay) while a fan-out runs, at most.
+const INTERRUPT_READ_LIMIT: usize = 1 << 20;
+
+/// What stops a fan-out early: a CancelRequest for the session, or the client closing
+/// its connection (noticed by reading ahead while the fan-out runs).
+pub struct Interrupt<'a, CR> {
+    /// The session's CancelRequests.
+    pub cancel: tokio::sync::watch::Receiver<u64>,
+    /// The client's read half.
+    pub client: &'a mut CR,
+    /// Where bytes the client sends meanwhile go (the relay handles them afterwards).
+    pub pending: &'a mut BytesMut,
+}
+
+/// Why a fan-out stopped early.
+enum Stop {
+    Cancelled,
+    ClientGone,
+}
+
+impl<CR: AsyncRead + Unpin> Interrupt<'_, CR> {
+    /// Resolves when the fan-out must stop.
+    async fn stopped(&mut self) -> Stop {
+        loop {
+            let reading = self.pending.len() < INTERRUPT_READ_LIMIT;
+            tokio::select! {
+                changed = self.cancel.changed() => {
+                    if changed.is_ok() {
+                        return Stop::Cancelled;
+                    }
+                    return std::future::pending::<Stop>().await;
+                }
+                read = self.client.read_buf(self.pending), if reading => match read {
+                    Ok(0) | Err(_) => return Stop::ClientGone,
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+
+    /// The next event, or why the fan-out must stop.
+    async fn next<T>(
+        &mut self,
+        events: &mut tokio::sync::mpsc::Receiver<T>,
+    ) -> Result<Option<T>, Stop> {
+        tokio::select! {
+            ev = events.recv() => Ok(ev),
+            stop = self.stopped() => Err(stop),
+        }
+    }
+}
+
+/// PostgreSQL's error for a cancelled statement.
+fn cancelled_error() -> BytesMut {
+    protocol::ErrorFields::error("57014", "canceling statement due to user request").to_bytes()
+}
+
 async fn write_client<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), Fail> {
     w.write_all(b).await.map_err(|_| Fail::Client)
 }
@@ -190,6 +251,29 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Pinned<'_, R, W> {
         }
     }
 
+    /// Leaves the primary as PostgreSQL would be after the statement failed: an error
+    /// inside the batch (an Execute of a portal that does not exist; its message is not
+    /// shown), so a transaction block is aborted; then, for a simple Query, the Sync and
+    /// its status.
+    async fn fail_statement<C: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut C,
+        simple: bool,
+    ) -> Result<Option<u8>, Fail> {
+        let mut m = BytesMut::new();
+        protocol::put_execute(&mut m, "pgfan_failed_statement");
+        protocol::put_empty(&mut m, if simple { b'S' } else { b'H' });
+        self.send(&m).await?;
+        loop {
+            let (tag, body) = self.next(client).await?;
+            match tag {
+                b'E' if !simple => return Ok(None),
+                b'Z' => return Ok(Some(body.first().copied().unwrap_or(b'I'))),
+                _ => {}
+            }
+        }
+    }
+
     /// Sends Sync and returns the ReadyForQuery status.
     async fn sync<C: AsyncWrite + Unpin>(&mut self, client: &mut C) -> Result<u8, Fail> {
         let mut m = BytesMut::new();
@@ -206,7 +290,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Pinned<'_, R, W> {
 
 /// Runs `candidate` for the session if it fans out.
 #[allow(clippy::too_many_arguments)]
-pub async fn execute<R, W, C>(
+pub async fn execute<R, W, C, CR>(
     env: &FanoutEnv,
     session_id: u64,
     login: &LoginKey,
@@ -216,16 +300,21 @@ pub async fn execute<R, W, C>(
     request: Request,
     pinned: &mut Pinned<'_, R, W>,
     client: &mut C,
+    interrupt: &mut Interrupt<'_, CR>,
 ) -> Outcome
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
     C: AsyncWrite + Unpin,
+    CR: AsyncRead + Unpin,
 {
     let query_id = QUERY_IDS.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
+    // only CancelRequests that arrive from now on concern this statement
+    interrupt.cancel.borrow_and_update();
     let result = run(
         env, session_id, query_id, login, status, candidate, sql, &request, pinned, client,
+        interrupt,
     )
     .await;
     let outcome = match result {
@@ -233,7 +322,7 @@ where
         Err(Fail::Client) => Outcome::ClientGone,
         Err(Fail::Backend) => Outcome::BackendGone,
     };
-    if let (Outcome::Done(_), false) = (&outcome, candidate.explain) {
+    if let (Outcome::Done(_) | Outcome::Failed(_), false) = (&outcome, candidate.explain) {
         metrics::counter!(crate::metrics::QUERIES_TOTAL, "route" => crate::metrics::ROUTE_FANOUT)
             .increment(1);
         metrics::histogram!(crate::metrics::QUERY_DURATION, "route" => crate::metrics::ROUTE_FANOUT)
@@ -241,6 +330,49 @@ where
     }
     let _ = client.flush().await;
     outcome
+}
+
+/// Ends a fan-out with `error` after the output so far: the primary is failed the same
+/// way (see [`Pinned::fail_statement`]), and a simple Query gets its ReadyForQuery.
+async fn answer_error<R, W, C>(
+    pinned: &mut Pinned<'_, R, W>,
+    client: &mut C,
+    simple: bool,
+    out: &[u8],
+    mut error: BytesMut,
+) -> Result<Outcome, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    write_client(client, out).await?;
+    let z = pinned.fail_statement(client, simple).await?;
+    if let Some(z) = z {
+        protocol::put_ready_for_query(&mut error, z);
+    }
+    write_client(client, &error).await?;
+    Ok(Outcome::Failed(z))
+}
+
+/// How a fan-out stopped early ends: a cancel answers 57014, a closed client ends the
+/// session (dropping the event streams has cancelled the fragments).
+async fn answer_stop<R, W, C>(
+    stop: Stop,
+    pinned: &mut Pinned<'_, R, W>,
+    client: &mut C,
+    simple: bool,
+    out: &[u8],
+) -> Result<Outcome, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    match stop {
+        Stop::ClientGone => Ok(Outcome::ClientGone),
+        Stop::Cancelled => answer_error(pinned, client, simple, out, cancelled_error()).await,
+    }
 }
 
 fn passthrough(session_id: u64, query_id: u64, reason: &plan::PassReason) -> Outcome {
@@ -400,7 +532,7 @@ pub fn put_text_rows(out: &mut BytesMut, lines: &[String], tag: &str) {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run<R, W, C>(
+async fn run<R, W, C, CR>(
     env: &FanoutEnv,
     session_id: u64,
     query_id: u64,
@@ -411,11 +543,13 @@ async fn run<R, W, C>(
     request: &Request,
     pinned: &mut Pinned<'_, R, W>,
     client: &mut C,
+    interrupt: &mut Interrupt<'_, CR>,
 ) -> Result<Outcome, Fail>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
     C: AsyncWrite + Unpin,
+    CR: AsyncRead + Unpin,
 {
     let simple = matches!(request, Request::Simple);
     // the assignment is what EXPLAIN shows; a run assigns after the replicas' lag check
@@ -475,7 +609,8 @@ where
                 protocol::put_ready_for_query(&mut out, z);
                 write_client(client, &out).await?;
             }
-            return Ok(Outcome::Done(z));
+            // the primary itself failed the statement: in a batch it now skips to Sync
+            return Ok(Outcome::Failed(z));
         }
     };
     let reason = if !probe.clean {
@@ -609,7 +744,7 @@ where
                 row_description: probe.row_description.as_deref(),
             };
             let concat = Concat::new(*limit, *offset);
-            merge_ordered(ctx, merge, streams, concat, pinned, client).await
+            merge_ordered(ctx, merge, streams, concat, pinned, client, interrupt).await
         }
         MergeSpec::Concat { limit, offset } => {
             let mut events = dispatch::run(jobs, login.clone(), query_id);
@@ -618,7 +753,14 @@ where
             let mut done = 0;
             let mut out = BytesMut::new();
             while done < total && !concat.full() {
-                let Some(ev) = events.recv().await else { break };
+                let ev = match interrupt.next(&mut events).await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(stop) => {
+                        drop(events);
+                        return answer_stop(stop, pinned, client, simple, &out).await;
+                    }
+                };
                 match ev {
                     FragmentEvent::Described { .. } => {}
                     FragmentEvent::Done { .. } => done += 1,
@@ -655,20 +797,12 @@ where
                                 &plan::PassReason::new("fragment_failed", cause),
                             ));
                         }
-                        write_client(client, &out).await?;
-                        out.clear();
-                        let mut e = match error {
+                        drop(events);
+                        let e = match error {
                             Some(b) => protocol::strip_error_position(&b),
                             None => protocol::ErrorFields::error("08006", cause).to_bytes(),
                         };
-                        if simple {
-                            let z = pinned.sync(client).await?;
-                            protocol::put_ready_for_query(&mut e, z);
-                            write_client(client, &e).await?;
-                            return Ok(Outcome::Done(Some(z)));
-                        }
-                        write_client(client, &e).await?;
-                        return Ok(Outcome::Done(None));
+                        return answer_error(pinned, client, simple, &out, e).await;
                     }
                 }
             }
@@ -695,7 +829,14 @@ where
             let mut done = 0;
             let mut failure = None;
             while done < total {
-                let Some(ev) = events.recv().await else { break };
+                let ev = match interrupt.next(&mut events).await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(stop) => {
+                        drop(events);
+                        return answer_stop(stop, pinned, client, simple, &[]).await;
+                    }
+                };
                 match ev {
                     FragmentEvent::Described { body, .. } => {
                         if let Some(types) = row_description_types(&body) {
@@ -808,6 +949,7 @@ where
                 }
             }
             let mut closes = 0;
+            let mut failed = false;
             loop {
                 let (tag, body) = pinned.next(client).await?;
                 match tag {
@@ -820,6 +962,7 @@ where
                     }
                     b'E' => {
                         out.extend_from_slice(&protocol::strip_error_position(&body));
+                        failed = true;
                         if !simple {
                             break;
                         }
@@ -840,7 +983,11 @@ where
                 }
             }
             write_client(client, &out).await?;
-            Ok(Outcome::Done(None))
+            Ok(if failed {
+                Outcome::Failed(None)
+            } else {
+                Outcome::Done(None)
+            })
         }
     }
 }
@@ -901,18 +1048,20 @@ struct MergeContext<'a> {
 /// Streams the k-way merge of sorted fragment streams to the client: waits for the next
 /// row of whichever fragment the merge needs, sends the smallest head row without its
 /// hidden key columns, and applies LIMIT/OFFSET.
-async fn merge_ordered<R, W, C>(
+async fn merge_ordered<R, W, C, CR>(
     ctx: MergeContext<'_>,
     mut merge: OrderedMerge,
     mut streams: Vec<tokio::sync::mpsc::Receiver<FragmentEvent>>,
     mut concat: Concat,
     pinned: &mut Pinned<'_, R, W>,
     client: &mut C,
+    interrupt: &mut Interrupt<'_, CR>,
 ) -> Result<Outcome, Fail>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
     C: AsyncWrite + Unpin,
+    CR: AsyncRead + Unpin,
 {
     let mut out = BytesMut::new();
     let mut started = false;
@@ -923,7 +1072,13 @@ where
         }
         if let Some(i) = merge.waiting_for() {
             let event = match streams.get_mut(i) {
-                Some(s) => s.recv().await,
+                Some(s) => match interrupt.next(s).await {
+                    Ok(ev) => ev,
+                    Err(stop) => {
+                        drop(streams);
+                        return answer_stop(stop, pinned, client, ctx.simple, &out).await;
+                    }
+                },
                 None => None,
             };
             match event {
@@ -983,19 +1138,11 @@ where
                 &plan::PassReason::new("fragment_failed", cause),
             ));
         }
-        write_client(client, &out).await?;
-        let mut e = match error {
+        let e = match error {
             Some(b) => protocol::strip_error_position(&b),
             None => protocol::ErrorFields::error("08006", cause).to_bytes(),
         };
-        if ctx.simple {
-            let z = pinned.sync(client).await?;
-            protocol::put_ready_for_query(&mut e, z);
-            write_client(client, &e).await?;
-            return Ok(Outcome::Done(Some(z)));
-        }
-        write_client(client, &e).await?;
-        return Ok(Outcome::Done(None));
+        return answer_error(pinned, client, ctx.simple, &out, e).await;
     }
     if !started && ctx.simple {
         if let Some(rd) = ctx.row_description {

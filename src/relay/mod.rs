@@ -43,6 +43,8 @@ pub struct FanoutSession<'a> {
     pub env: &'a FanoutEnv,
     /// The session's (user, database).
     pub login: LoginKey,
+    /// The session's CancelRequests (they stop a fan-out in progress).
+    pub cancel: Arc<crate::server::cancel::CancelSignal>,
 }
 
 /// A parsed statement that may fan out when executed.
@@ -441,24 +443,39 @@ where
                     wr: &mut backend_wr,
                     buf: &mut backend_in,
                 };
-                let outcome = fanout::execute(
-                    fs.env,
-                    session_id,
-                    &fs.login,
-                    tracker.status_now(),
-                    &candidate,
-                    &sql,
-                    request,
-                    &mut pinned,
-                    &mut client_wr,
-                )
-                .await;
+                let outcome = {
+                    let mut interrupt = fanout::Interrupt {
+                        cancel: fs.cancel.subscribe(),
+                        client: &mut client_rd,
+                        pending: &mut client_in,
+                    };
+                    fanout::execute(
+                        fs.env,
+                        session_id,
+                        &fs.login,
+                        tracker.status_now(),
+                        &candidate,
+                        &sql,
+                        request,
+                        &mut pinned,
+                        &mut client_wr,
+                        &mut interrupt,
+                    )
+                    .await
+                };
                 match outcome {
                     Outcome::PassThrough => intercept.bypass = true,
-                    Outcome::Done(z) => {
-                        if let Some(z) = z {
-                            tracker.state.status = z;
-                            intercept.ready_for_query(z);
+                    Outcome::Done(z) | Outcome::Failed(z) => {
+                        match z {
+                            Some(z) => {
+                                tracker.state.status = z;
+                                intercept.ready_for_query(z);
+                            }
+                            // the primary skips the rest of the batch, as after any error
+                            None if matches!(outcome, Outcome::Failed(_)) => {
+                                tracker.batch_failed = true;
+                            }
+                            None => {}
                         }
                         let _ = client_in.split_to(len.min(client_in.len()));
                     }

@@ -67,7 +67,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
     let _slot = slot;
 
     let backend_cancel = backend.cancel_target();
-    let (client_secret, _cancel_guard) = ctx.cancel.register(backend_cancel.clone());
+    let (client_secret, cancel_signal, _cancel_guard) = ctx.cancel.register(backend_cancel.clone());
 
     // The rest of the startup comes from the backend: its ParameterStatus values, its PID
     // with our secret, and its ReadyForQuery.
@@ -99,6 +99,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
         Some(relay::FanoutSession {
             env: &ctx.fanout,
             login,
+            cancel: cancel_signal,
         }),
     )
     .await;
@@ -176,9 +177,10 @@ async fn startup(ctx: &ServerContext, framed: ClientFramed) -> Option<Establishe
                 SecretKey::Bytes(b) => b.to_vec(),
             };
             match ctx.cancel.lookup(c.pid, &secret) {
-                Some(t) => {
+                Some(session) => {
                     debug!(pid = c.pid, "forwarding cancel request");
-                    if let Err(e) = t.cancel().await {
+                    session.signal.raise();
+                    if let Err(e) = session.target.cancel().await {
                         warn!(error = %e, "cancel forward failed");
                     }
                 }
