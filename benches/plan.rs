@@ -170,10 +170,10 @@ fn bench_plan(c: &mut Criterion) {
     });
     let q1 = Candidate::parse(TPCH_Q1).expect("TPC-H Q1 parses");
     g.bench_function("tpch_q1/analyze", |b| {
-        b.iter(|| plan::rewrite::analyze(black_box(&q1), &lineitem))
+        b.iter(|| plan::rewrite::analyze(black_box(&q1), &lineitem, cfg.min_rows_per_group))
     });
     g.bench_function("tpch_q1/split", |b| {
-        b.iter(|| plan::split::choose(black_box(&q1), &lineitem, &cfg, SLOTS))
+        b.iter(|| plan::split::choose(black_box(&q1), &lineitem, &cfg, SLOTS, None))
     });
     // A statement text seen before: the parse and the analysis come from the caches, so
     // planning is the lookup, the split choice and the predicate splice.

@@ -488,6 +488,54 @@ fn generated() -> Vec<Query> {
             .merge("ordered merge"),
     );
     c.push(fan("SELECT id, t FROM facts WHERE id % 7 = 0 ORDER BY t, id LIMIT 30").merge("top-N"));
+    // Complete groups: split on an indexed GROUP BY column, so DISTINCT, ordered and
+    // ordered-set aggregates (which have no partial form) fan out exactly.
+    let complete = "split index range on";
+    c.push(
+        fan(
+            "SELECT k, count(DISTINCT grp), count(DISTINCT t), sum(DISTINCT i2) FROM facts \
+             GROUP BY k ORDER BY k",
+        )
+        .merge(complete),
+    );
+    c.push(
+        fan(
+            "SELECT k, string_agg(t, '|' ORDER BY id), array_agg(i4 ORDER BY id DESC) \
+             FROM facts WHERE g100 < 30 GROUP BY k",
+        )
+        .merge(complete),
+    );
+    c.push(
+        fan(
+            "SELECT d, percentile_cont(0.5) WITHIN GROUP (ORDER BY i4), \
+             percentile_disc(0.9) WITHIN GROUP (ORDER BY n), mode() WITHIN GROUP (ORDER BY grp), \
+             count(*) FILTER (WHERE b) FROM facts GROUP BY d ORDER BY d DESC LIMIT 40 OFFSET 5",
+        )
+        .merge(complete),
+    );
+    c.push(
+        fan(
+            "SELECT i4 AS key, count(DISTINCT k) AS kinds, avg(n) FROM facts \
+             WHERE i4 > -20000 GROUP BY key HAVING count(*) > 1 ORDER BY kinds DESC, key LIMIT 25",
+        )
+        .merge(complete),
+    );
+    c.push(
+        fan(
+            "SELECT ts, count(DISTINCT grp), min(t) FROM facts GROUP BY ts ORDER BY ts NULLS FIRST",
+        )
+        .merge(complete),
+    );
+    c.push(fan("SELECT k, count(*) AS c, jsonb_agg(id ORDER BY id) FROM facts WHERE id % 13 = 0 GROUP BY 1").merge(complete));
+    // nothing keeps a group within one fragment: pass through
+    c.push(pass(
+        "SELECT grp, count(DISTINCT k) FROM facts GROUP BY grp",
+    ));
+    c.push(pass("SELECT count(DISTINCT k) FROM facts"));
+    c.push(pass("SELECT k, string_agg(t, ',') FROM facts GROUP BY k"));
+    c.push(pass(
+        "SELECT DISTINCT k, count(DISTINCT grp) FROM facts GROUP BY k",
+    ));
     // text under the database's (non-C) collation: pgfan cannot compare it, no LIMIT
     c.push(pass(
         "SELECT id, t FROM facts WHERE id % 7 = 0 ORDER BY t, id",
@@ -1415,7 +1463,8 @@ async fn check_routes(corpus: &[Query], addr: &str, direct_mode: bool) -> (Vec<S
 }
 
 /// With the default `min_rows_per_group`, a GROUP BY into about as many groups as rows
-/// passes through (reason many_groups) and one into few groups still fans out.
+/// splits on its indexed key (complete groups) or, without one, passes through (reason
+/// many_groups); one into few groups still fans out with a combine.
 async fn check_many_groups_rule() -> Vec<String> {
     let pgfan = Pgfan::start_with_config(&fanout_config_toml(), &[]);
     let mut failures = Vec::new();
@@ -1424,12 +1473,18 @@ async fn check_many_groups_rule() -> Vec<String> {
         Err(e) => return vec![format!("[many_groups] connect: {e}")],
     };
     for (sql, want) in [
+        // many groups on an indexed column: split on it, fragments return final groups
         (
             "SELECT id, count(*) FROM facts GROUP BY id",
-            "PassThrough: about",
+            "FanOut: 4 fragments, split index range on id",
         ),
         (
             "SELECT id AS x, sum(i4) FROM facts GROUP BY x",
+            "FanOut: 4 fragments, split index range on id",
+        ),
+        // many groups on a column without an index: nothing to split on
+        (
+            "SELECT i8, count(*) FROM facts GROUP BY i8",
             "PassThrough: about",
         ),
         ("SELECT grp, count(*) FROM facts GROUP BY grp", "FanOut:"),

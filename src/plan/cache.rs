@@ -52,8 +52,14 @@ pub struct ShapeMemo {
 }
 
 impl ShapeMemo {
-    /// `rewrite::analyze(c, table)`, computed once per catalog entry.
-    pub fn analyze(&self, c: &Candidate, table: &Arc<TableInfo>) -> Result<Arc<Shape>, PassReason> {
+    /// `rewrite::analyze(c, table, min_rows_per_group)`, computed once per catalog entry
+    /// (the setting is fixed for the life of the process).
+    pub fn analyze(
+        &self,
+        c: &Candidate,
+        table: &Arc<TableInfo>,
+        min_rows_per_group: u64,
+    ) -> Result<Arc<Shape>, PassReason> {
         if let Ok(last) = self.last.lock() {
             if let Some((t, shape)) = last.as_ref() {
                 if Arc::ptr_eq(t, table) {
@@ -61,7 +67,7 @@ impl ShapeMemo {
                 }
             }
         }
-        let shape = rewrite::analyze(c, table).map(Arc::new);
+        let shape = rewrite::analyze(c, table, min_rows_per_group).map(Arc::new);
         if let Ok(mut last) = self.last.lock() {
             *last = Some((table.clone(), shape.clone()));
         }

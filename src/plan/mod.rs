@@ -86,6 +86,10 @@ pub struct Candidate {
     pub qualifiers: Vec<String>,
     /// `EXPLAIN FANOUT <query>`: describe, do not run.
     pub explain: bool,
+    /// It has aggregates that cannot be split into partial and combine steps (DISTINCT,
+    /// ORDER BY inside, ordered-set, string_agg/array_agg…): it fans out only when every
+    /// group lies within one fragment.
+    pub holistic: bool,
     /// Its analysis against the last catalog entry it was planned with.
     pub shape: cache::ShapeMemo,
 }
@@ -344,12 +348,13 @@ impl Candidate {
             return Err(PassReason::new("not_select", "not a SELECT"));
         };
         let query = *query;
-        let (table, qualifiers) = check_shape(&query)?;
+        let (table, qualifiers, holistic) = check_shape(&query)?;
         Ok(Candidate {
             query,
             table,
             qualifiers,
             explain,
+            holistic,
             shape: cache::ShapeMemo::default(),
         })
     }
@@ -360,7 +365,7 @@ fn unsupported(detail: impl Into<String>) -> PassReason {
 }
 
 /// Checks the query is one SELECT over one plain table with only safe expressions.
-fn check_shape(q: &Query) -> Result<(String, Vec<String>), PassReason> {
+fn check_shape(q: &Query) -> Result<(String, Vec<String>, bool), PassReason> {
     if q.with.is_some() {
         return Err(unsupported("WITH query"));
     }
@@ -464,7 +469,10 @@ fn check_shape(q: &Query) -> Result<(String, Vec<String>), PassReason> {
             return Err(unsupported("ORDER BY INTERPOLATE"));
         }
     }
-    let mut checker = ExprCheck { problem: None };
+    let mut checker = ExprCheck {
+        problem: None,
+        holistic: false,
+    };
     let _ = q.visit(&mut checker);
     if let Some(p) = checker.problem {
         return Err(p);
@@ -474,13 +482,47 @@ fn check_shape(q: &Query) -> Result<(String, Vec<String>), PassReason> {
             return Err(unsupported("multiple aliases"));
         }
     }
-    Ok((table, qualifiers))
+    Ok((table, qualifiers, checker.holistic))
 }
 
 /// Rejects expressions whose value could differ between fragments or that need the whole
 /// input (subqueries, window functions, volatile or unknown functions).
 struct ExprCheck {
     problem: Option<PassReason>,
+    /// An aggregate that only complete groups compute (see [`Candidate::holistic`]).
+    holistic: bool,
+}
+
+/// Aggregates computed only over complete groups; the first four must order their input
+/// (`ORDER BY` inside), or their result would depend on the scan order.
+const HOLISTIC_AGGREGATES: &[&str] = &[
+    "string_agg",
+    "array_agg",
+    "json_agg",
+    "jsonb_agg",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+];
+
+/// Why a holistic aggregate cannot fan out even over complete groups, if it cannot.
+fn holistic_problem(f: &sqlparser::ast::Function, name: &str) -> Option<String> {
+    let FunctionArguments::List(list) = &f.args else {
+        return Some(format!("{name} without argument list"));
+    };
+    let ordered_input = list
+        .clauses
+        .iter()
+        .any(|c| matches!(c, sqlparser::ast::FunctionArgumentClause::OrderBy(_)));
+    match name {
+        "percentile_cont" | "percentile_disc" | "mode" if f.within_group.is_empty() => {
+            Some(format!("{name} without WITHIN GROUP"))
+        }
+        "string_agg" | "array_agg" | "json_agg" | "jsonb_agg" if !ordered_input => Some(format!(
+            "{name} without ORDER BY (its result depends on the scan order)"
+        )),
+        _ => None,
+    }
 }
 
 impl Visitor for ExprCheck {
@@ -504,8 +546,23 @@ impl Visitor for ExprCheck {
                     _ if f.over.is_some() => {
                         Some(PassReason::new("window_function", "window function"))
                     }
-                    Some(n) if aggregate_kind(&n).is_some() => {
-                        aggregate_problem(f).map(|d| PassReason::new("aggregate", d))
+                    Some(n) if aggregate_kind(&n).is_some() => match aggregate_problem(f) {
+                        None => None,
+                        // DISTINCT or ORDER BY inside: exact over complete groups
+                        Some(_) if f.within_group.is_empty() => {
+                            self.holistic = true;
+                            None
+                        }
+                        Some(d) => Some(PassReason::new("aggregate", d)),
+                    },
+                    Some(n) if HOLISTIC_AGGREGATES.contains(&n.as_str()) => {
+                        match holistic_problem(f, &n) {
+                            None => {
+                                self.holistic = true;
+                                None
+                            }
+                            Some(d) => Some(PassReason::new("aggregate", d)),
+                        }
                     }
                     Some(n) if SAFE_FUNCTIONS.contains(&n.as_str()) => {
                         if f.filter.is_some() || !f.within_group.is_empty() {
@@ -565,7 +622,7 @@ fn aggregate_problem(f: &sqlparser::ast::Function) -> Option<String> {
 /// Decides the route of a candidate with the table's catalog facts. `slots` is the number
 /// of fragment connections the usable backends have.
 pub fn plan(c: &Candidate, table: &TableInfo, cfg: &FanoutConfig, slots: usize) -> Route {
-    let shape = || rewrite::analyze(c, table).map(Arc::new);
+    let shape = || rewrite::analyze(c, table, cfg.min_rows_per_group).map(Arc::new);
     match plan_inner(c, table, cfg, slots, shape) {
         Ok(p) => Route::FanOut(Box::new(p)),
         Err(r) => Route::PassThrough(r),
@@ -580,7 +637,7 @@ pub fn plan_shared(
     cfg: &FanoutConfig,
     slots: usize,
 ) -> Route {
-    let shape = || c.shape.analyze(c, table);
+    let shape = || c.shape.analyze(c, table, cfg.min_rows_per_group);
     match plan_inner(c, table, cfg, slots, shape) {
         Ok(p) => Route::FanOut(Box::new(p)),
         Err(r) => Route::PassThrough(r),
@@ -611,20 +668,7 @@ fn plan_inner(
         ));
     }
     let shape = shape()?;
-    if cfg.min_rows_per_group > 0 && matches!(shape.merge, MergeSpec::Combine(_)) {
-        if let Some(groups) = rewrite::estimated_groups(c, table) {
-            if groups * cfg.min_rows_per_group as f64 > table.reltuples {
-                return Err(PassReason::new(
-                    "many_groups",
-                    format!(
-                        "about {groups:.0} groups in {:.0} rows: fragments would ship nearly every row to the combine",
-                        table.reltuples
-                    ),
-                ));
-            }
-        }
-    }
-    let split = split::choose(c, table, cfg, slots)?;
+    let split = split::choose(c, table, cfg, slots, shape.split_on.as_deref())?;
     let fragments = shape.fragment_sqls(&split.predicates());
     Ok(Plan {
         table: table.qualified.clone(),
@@ -662,7 +706,22 @@ mod tests {
         assert!(Candidate::parse("SELECT count(*) FROM t WHERE a > 1").is_ok());
         assert!(Candidate::parse("SELECT random() FROM t").is_err());
         assert!(Candidate::parse("SELECT * FROM t JOIN u ON true").is_err());
-        assert!(Candidate::parse("SELECT count(DISTINCT a) FROM t").is_err());
+        // holistic aggregates are candidates that need complete groups
+        let holistic = |sql: &str| Candidate::parse(sql).map(|c| c.holistic).ok();
+        assert_eq!(holistic("SELECT count(DISTINCT a) FROM t"), Some(true));
+        assert_eq!(
+            holistic("SELECT a, string_agg(b, ',' ORDER BY c) FROM t GROUP BY a"),
+            Some(true)
+        );
+        assert_eq!(
+            holistic("SELECT a, count(*) FROM t GROUP BY a"),
+            Some(false)
+        );
+        assert_eq!(holistic("SELECT string_agg(b, ',') FROM t"), None);
+        assert_eq!(
+            holistic("SELECT count(*) WITHIN GROUP (ORDER BY a) FROM t"),
+            None
+        );
         assert!(Candidate::parse("SELECT sum(a) OVER () FROM t").is_err());
         assert!(Candidate::parse("SELECT * FROM t FOR UPDATE").is_err());
         assert!(Candidate::parse("SELECT a FROM t WHERE a IN (SELECT 1)").is_err());

@@ -19,7 +19,7 @@ use sqlparser::parser::Parser;
 
 use crate::merge::ordered::{is_c_collation, KeyKind, MergeKey};
 
-use super::{aggregate_kind, fold, function_name, Candidate, PassReason, TableInfo};
+use super::{aggregate_kind, fold, function_name, Candidate, ColumnInfo, PassReason, TableInfo};
 
 /// An aggregate pgfan splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +170,9 @@ pub struct Shape {
     filter: Option<Expr>,
     /// The merge.
     pub merge: MergeSpec,
+    /// The column the split must be on: a GROUP BY column, so that every group lies
+    /// within one fragment and fragments compute final groups.
+    pub split_on: Option<String>,
 }
 
 /// Stands for the split predicate while the fragment query is rendered once; each
@@ -416,7 +419,11 @@ fn item_expr(item: &SelectItem) -> Option<(&Expr, Option<&Ident>)> {
 }
 
 /// Checks columns and builds the fragment query and the merge.
-pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
+pub fn analyze(
+    c: &Candidate,
+    table: &TableInfo,
+    min_rows_per_group: u64,
+) -> Result<Shape, PassReason> {
     let q = &c.query;
     let SetExpr::Select(s) = q.body.as_ref() else {
         return Err(pass("unsupported_shape", "not a SELECT"));
@@ -501,10 +508,62 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
         return Err(pass("unsupported_shape", "aggregate in WHERE"));
     }
 
+    // Complete groups: when the split is on a GROUP BY column, fragments compute final
+    // groups, so any aggregate is exact and nothing is combined. Needed for holistic
+    // aggregates, and cheaper than partial rows when there are many groups.
+    let groups = (!group_by.is_empty())
+        .then(|| estimated_groups(c, table))
+        .flatten();
+    let many_groups = min_rows_per_group > 0
+        && groups.is_some_and(|g| g * min_rows_per_group as f64 > table.reltuples);
+    if c.holistic || many_groups {
+        let column = if distinct {
+            None
+        } else {
+            group_split_column(c, table, s, &group_by)
+        };
+        let Some(column) = column else {
+            return Err(if c.holistic {
+                pass(
+                    "holistic_aggregate",
+                    "DISTINCT, ordered or ordered-set aggregates fan out only with GROUP BY on \
+                     a column with a btree index and a histogram",
+                )
+            } else {
+                pass(
+                    "many_groups",
+                    format!(
+                        "about {:.0} groups in {:.0} rows and no indexed GROUP BY column to \
+                         split on: fragments would ship nearly every row to the combine",
+                        groups.unwrap_or(0.0),
+                        table.reltuples
+                    ),
+                )
+            });
+        };
+        let mut shape = rows_shape(c, table, s, &order, limit, offset)?;
+        shape.split_on = Some(column);
+        return Ok(shape);
+    }
+
     if has_aggs || !group_by.is_empty() || distinct || s.having.is_some() {
         // LIMIT/OFFSET stay in the combine query (groups span fragments)
         return aggregate_shape(c, table, s, &group_by, &order, distinct);
     }
+    rows_shape(c, table, s, &order, limit, offset)
+}
+
+/// Fragments that return final rows (a scan, or complete groups): concatenated,
+/// merged in order, or cut to the top N.
+fn rows_shape(
+    c: &Candidate,
+    table: &TableInfo,
+    s: &Select,
+    order: &[OrderByExpr],
+    limit: Option<u64>,
+    offset: u64,
+) -> Result<Shape, PassReason> {
+    let is_position = |e: &Expr| literal_u64(e).is_some();
     if s.projection.iter().any(|i| {
         matches!(
             i,
@@ -515,8 +574,8 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
         return Err(pass("unsupported_shape", "ORDER BY position with *"));
     }
     if !order.is_empty() {
-        if let Some((keys, visible)) = mergeable_keys(c, table, s, &order)? {
-            return ordered_shape(c, s, &order, keys, visible, limit, offset);
+        if let Some((keys, visible)) = mergeable_keys(c, table, s, order)? {
+            return ordered_shape(c, s, order, keys, visible, limit, offset);
         }
         let Some(limit) = limit else {
             return Err(pass(
@@ -526,7 +585,7 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
                  the C collation)",
             ));
         };
-        return topn_shape(c, table, s, &order, limit, offset);
+        return topn_shape(c, table, s, order, limit, offset);
     }
     // plain scan: each fragment returns at most limit + offset rows
     let mut fragment = c.query.clone();
@@ -539,6 +598,7 @@ pub fn analyze(c: &Candidate, table: &TableInfo) -> Result<Shape, PassReason> {
         fragment,
         filter: s.selection.clone(),
         merge: MergeSpec::Concat { limit, offset },
+        split_on: None,
     })
 }
 
@@ -648,6 +708,7 @@ fn ordered_shape(
             limit,
             offset,
         },
+        split_on: None,
     })
 }
 
@@ -691,7 +752,45 @@ fn topn_shape(
             limit,
             offset,
         }),
+        split_on: None,
     })
+}
+
+/// The first GROUP BY key that is a plain column an index-range split can cut (btree
+/// index, histogram, integer/numeric/date/time type): splitting on it keeps every group
+/// within one fragment.
+fn group_split_column(
+    c: &Candidate,
+    table: &TableInfo,
+    s: &Select,
+    group_by: &[Expr],
+) -> Option<String> {
+    group_by.iter().find_map(|k| {
+        let col = group_column(c, table, s, k)?;
+        (col.indexed && col.histogram.len() >= 3 && super::split::range_type(col.type_oid))
+            .then(|| col.name.clone())
+    })
+}
+
+/// The table column a GROUP BY key names: an input column first, an output alias or
+/// position second (PostgreSQL's order).
+fn group_column<'t>(
+    c: &Candidate,
+    table: &'t TableInfo,
+    s: &Select,
+    key: &Expr,
+) -> Option<&'t ColumnInfo> {
+    let column = |e: &Expr| match strip_nested(e) {
+        Expr::Identifier(i) => table.column(&fold(i)),
+        Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
+            table.column(&fold(&p[1]))
+        }
+        _ => None,
+    };
+    match column(key) {
+        Some(col) => Some(col),
+        None => column(&resolve_output_ref(key, s).ok()??),
+    }
 }
 
 /// The number of groups a GROUP BY over plain columns makes, estimated from
@@ -710,21 +809,7 @@ pub fn estimated_groups(c: &Candidate, table: &TableInfo) -> Option<f64> {
     }
     let mut groups = 1.0f64;
     for k in keys {
-        // a GROUP BY name is an input column first, an output alias second
-        let column = |e: &Expr| match strip_nested(e) {
-            Expr::Identifier(i) => table.column(&fold(i)),
-            Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
-                table.column(&fold(&p[1]))
-            }
-            _ => None,
-        };
-        let col = match column(k) {
-            Some(col) => col,
-            None => {
-                let resolved = resolve_output_ref(k, s).ok()??;
-                column(&resolved)?
-            }
-        };
+        let col = group_column(c, table, s, k)?;
         let distinct = match col.n_distinct {
             d if d > 0.0 => d,
             d if d < 0.0 => -d * rows,
@@ -1030,6 +1115,7 @@ fn aggregate_shape(
             aggs: rw.aggs,
             template: combine.to_string(),
         }),
+        split_on: None,
     })
 }
 

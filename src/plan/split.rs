@@ -86,8 +86,8 @@ impl SplitStrategy {
     }
 }
 
-/// Types whose ranges can be cut at histogram values.
-fn range_type(oid: u32) -> bool {
+/// Types an index-range split cuts (by their histogram values).
+pub fn range_type(oid: u32) -> bool {
     // int2, int4, int8, numeric, date, timestamp, timestamptz
     matches!(oid, 21 | 23 | 20 | 1700 | 1082 | 1114 | 1184)
 }
@@ -204,12 +204,14 @@ fn bounds(
 }
 
 /// Chooses the split for a candidate, or passes it through (too small, point lookup, no
-/// free slots).
+/// free slots). `required`: the column the split must be on (a GROUP BY column whose
+/// groups must each stay within one fragment), within the WHERE clause's bounds on it.
 pub fn choose(
     c: &Candidate,
     table: &TableInfo,
     cfg: &FanoutConfig,
     slots: usize,
+    required: Option<&str>,
 ) -> Result<SplitStrategy, PassReason> {
     let limit = cfg.max_fragments.min(slots);
     let by_size = |pages: u64| (pages / cfg.min_fragment_pages.max(1)) as usize;
@@ -237,6 +239,19 @@ pub fn choose(
                 format!("equality on indexed column {p} matches about {pages} pages"),
             ));
         }
+    }
+    if let Some(col) = required {
+        let info = table
+            .column(col)
+            .ok_or_else(|| PassReason::new("split", format!("no column {col}")))?;
+        let (mut lo, mut hi) = (None, None);
+        for (c, l, h) in &found {
+            if c == col {
+                lo = l.clone().or(lo);
+                hi = h.clone().or(hi);
+            }
+        }
+        return index_split(table, info, lo, hi, limit, by_size, false);
     }
     // merge bounds per indexed column of a range type
     let mut best: Option<(String, Option<String>, Option<String>)> = None;
