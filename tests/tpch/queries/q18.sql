@@ -1,0 +1,38 @@
+-- TPC-H Q18: Large Volume Customer. Validation parameters: QUANTITY = 300. First 100 rows.
+-- o_orderkey is appended to the spec's ORDER BY so that ties are broken the same way every
+-- time.
+select
+    c_name,
+    c_custkey,
+    o_orderkey,
+    o_orderdate,
+    o_totalprice,
+    sum(l_quantity)
+from
+    customer,
+    orders,
+    lineitem
+where
+    o_orderkey in (
+        select
+            l_orderkey
+        from
+            lineitem
+        group by
+            l_orderkey
+        having
+            sum(l_quantity) > 300
+    )
+    and c_custkey = o_custkey
+    and o_orderkey = l_orderkey
+group by
+    c_name,
+    c_custkey,
+    o_orderkey,
+    o_orderdate,
+    o_totalprice
+order by
+    o_totalprice desc,
+    o_orderdate,
+    o_orderkey
+limit 100;
