@@ -16,91 +16,26 @@ PGFAN_CLIENT_DIRECT_URL, and exits non-zero on the first failure:
   - SELECT 1/0 raises DivisionByZero with sqlstate 22012 and the connection stays usable.
 """
 
+import asyncio
 import datetime as dt
-import json
 import os
-import re
 import sys
-import time
-import urllib.request
-import uuid
 from decimal import Decimal
 
 import psycopg
 from psycopg import errors
 
-AGG = "SELECT grp, count(*), sum(amount), min(label), max(created) FROM client_facts GROUP BY grp ORDER BY grp"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from pgfan_check import (  # noqa: E402 (the shared module sits beside the drivers)
+    AGG, check, Fail, fanout_count, ok, run_checks, same_rows, SCAN, TYPES, TYPES_WANT,
+)
+
+
 AGG_P = (
     "SELECT grp, count(*), sum(amount), min(label), max(created) FROM client_facts"
     " WHERE grp >= %s GROUP BY grp ORDER BY grp"
 )
-SCAN = "SELECT id, amount, label FROM client_facts WHERE qty < 5"
 SCAN_P = "SELECT id, amount, label FROM client_facts WHERE qty < %s"
-
-TYPES = """SELECT true, 32767::int2, 2147483647::int4, 9223372036854775807::int8,
-  12345.678::numeric(10,3), 1.5::float4, 2.25::float8, 'text'::text, 'varchar'::varchar(10),
-  '\\x00ff'::bytea, '2024-02-29'::date, '13:14:15.5'::time,
-  '2024-02-29 13:14:15.123456'::timestamp, '2024-02-29 13:14:15.123456+02'::timestamptz,
-  '1 day 02:03:04'::interval, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid,
-  '{"a": [1, 2]}'::json, '{"b": null}'::jsonb, ARRAY[1, 2, NULL]::int[],
-  ARRAY['x', 'y z']::text[], NULL::int"""
-TYPES_WANT = (
-    True, 32767, 2147483647, 9223372036854775807, Decimal("12345.678"), 1.5, 2.25, "text",
-    "varchar", b"\x00\xff", dt.date(2024, 2, 29), dt.time(13, 14, 15, 500000),
-    dt.datetime(2024, 2, 29, 13, 14, 15, 123456),
-    dt.datetime(2024, 2, 29, 13, 14, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2))),
-    dt.timedelta(days=1, hours=2, minutes=3, seconds=4),
-    uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), {"a": [1, 2]}, {"b": None}, [1, 2, None],
-    ["x", "y z"], None,
-)
-
-
-class Fail(Exception):
-    pass
-
-
-def ok(what):
-    print(f"    ok  {what}", flush=True)
-
-
-def check(what, got, want):
-    if got != want:
-        raise Fail(f"{what}: got {got!r}, want {want!r}")
-    ok(what)
-
-
-def exact(v):
-    """A value as type name and text, so 1.50 != 1.5 and int != Decimal."""
-    if isinstance(v, (memoryview, bytearray)):
-        v = bytes(v)
-    return (type(v).__name__, json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v))
-
-
-def same_rows(what, got, want):
-    got = [tuple(exact(v) for v in r) for r in got]
-    want = [tuple(exact(v) for v in r) for r in want]
-    if len(got) != len(want):
-        raise Fail(f"{what}: {len(got)} rows, want {len(want)} (first: {got[:1]} vs {want[:1]})")
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g != w:
-            raise Fail(f"{what}: row {i} is {g}, want {w}")
-    ok(f"{what} ({len(got)} rows equal to direct)")
-
-
-def fanout_count():
-    """pgfan_queries_total{route="fanout"} once it is steady: pgfan counts a statement just
-    after its answer went out, so a read right after the answer can miss it."""
-    def read():
-        with urllib.request.urlopen(os.environ["PGFAN_CLIENT_METRICS_URL"], timeout=10) as r:
-            m = re.search(r'^pgfan_queries_total\{route="fanout"\} (\d+)', r.read().decode(), re.M)
-        return int(m.group(1)) if m else 0
-
-    n = read()
-    for _ in range(50):
-        time.sleep(0.1)
-        if n == (n := read()):
-            return n
-    raise Fail("pgfan_queries_total kept changing for 5 s")
 
 
 class Target:
@@ -274,27 +209,9 @@ CHECKS = ["connection", "types", "fanout_queries", "prepared", "pipeline", "curs
 
 
 def main():
-    env = os.environ
-    targets = [
-        ("tls", env["PGFAN_CLIENT_TLS_URL"], True),
-        ("plain", env["PGFAN_CLIENT_PLAIN_URL"], True),
-        ("direct", env["PGFAN_CLIENT_DIRECT_URL"], False),
-    ]
     print(f"psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}, impl {psycopg.pq.__impl__})")
-    with psycopg.connect(env["PGFAN_CLIENT_DIRECT_URL"], autocommit=True) as direct:
-        for name, url, via_pgfan in targets:
-            print(f"== {name}: {re.sub(r':[^:@/]*@', ':***@', url)}", flush=True)
-            t = Target(name, url, via_pgfan, direct)
-            for c in CHECKS:
-                print(f"  {c}", flush=True)
-                try:
-                    getattr(t, c)()
-                except Fail as e:
-                    sys.exit(f"FAIL [{name}] {c}: {e}")
-                except Exception as e:
-                    sys.exit(f"FAIL [{name}] {c}: {type(e).__name__}: {e}")
-            t.conn.close()
-    print("psycopg: all checks passed on tls, plain and direct")
+    with psycopg.connect(os.environ["PGFAN_CLIENT_DIRECT_URL"], autocommit=True) as direct:
+        asyncio.run(run_checks("psycopg", CHECKS, lambda *a: Target(*a, direct), lambda t: t.conn.close()))
 
 
 if __name__ == "__main__":
