@@ -169,7 +169,8 @@ const INTERRUPT_READ_LIMIT: usize = 1 << 20;
 /// What stops a fan-out early: a CancelRequest for the session, or the client closing
 /// its connection (noticed by reading ahead while the fan-out runs).
 pub struct Interrupt<'a, CR> {
-    /// The session's CancelRequests.
+    /// The session's CancelRequests, subscribed when the statement starts (earlier ones
+    /// do not concern it).
     pub cancel: tokio::sync::watch::Receiver<u64>,
     /// The client's read half.
     pub client: &'a mut CR,
@@ -310,8 +311,6 @@ where
 {
     let query_id = QUERY_IDS.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
-    // only CancelRequests that arrive from now on concern this statement
-    interrupt.cancel.borrow_and_update();
     let result = run(
         env, session_id, query_id, login, status, candidate, sql, &request, pinned, client,
         interrupt,
@@ -749,79 +748,43 @@ where
         MergeSpec::Concat { limit, offset } => {
             let mut events = dispatch::run(jobs, login.clone(), query_id);
             let mut concat = Concat::new(*limit, *offset);
-            let mut started = false;
+            let mut rows = RowsOut::new(MergeContext {
+                session_id,
+                query_id,
+                simple,
+                row_description: probe.row_description.as_deref(),
+            });
             let mut done = 0;
-            let mut out = BytesMut::new();
             while done < total && !concat.full() {
                 let ev = match interrupt.next(&mut events).await {
                     Ok(Some(ev)) => ev,
                     Ok(None) => break,
                     Err(stop) => {
                         drop(events);
-                        return answer_stop(stop, pinned, client, simple, &out).await;
+                        return rows.stopped(stop, pinned, client).await;
                     }
                 };
                 match ev {
                     FragmentEvent::Described { .. } => {}
                     FragmentEvent::Done { .. } => done += 1,
                     FragmentEvent::Row { message, .. } => {
-                        if !started {
-                            started = true;
-                            if simple {
-                                if let Some(rd) = &probe.row_description {
-                                    protocol::put_message(&mut out, b'T', rd);
-                                }
-                            }
-                        }
+                        rows.begin();
                         match concat.step() {
-                            ConcatStep::Send => out.extend_from_slice(&message),
+                            ConcatStep::Send => rows.out.extend_from_slice(&message),
                             ConcatStep::Skip => {}
                             ConcatStep::Stop => break,
                         }
-                        if out.len() >= 64 << 10 || events.is_empty() {
-                            write_client(client, &out).await?;
-                            client.flush().await.map_err(|_| Fail::Client)?;
-                            out.clear();
-                        }
+                        // rows go out as soon as no more are waiting
+                        rows.flush(client, events.is_empty()).await?;
                     }
                     FragmentEvent::Failed { error, cause, .. } => {
-                        debug!(session = session_id, query = query_id, cause = %cause, "fragment failed");
-                        if !started && out.is_empty() {
-                            drop(events);
-                            if simple {
-                                pinned.sync(client).await?;
-                            }
-                            return Ok(passthrough(
-                                session_id,
-                                query_id,
-                                &plan::PassReason::new("fragment_failed", cause),
-                            ));
-                        }
                         drop(events);
-                        let e = match error {
-                            Some(b) => protocol::strip_error_position(&b),
-                            None => protocol::ErrorFields::error("08006", cause).to_bytes(),
-                        };
-                        return answer_error(pinned, client, simple, &out, e).await;
+                        return rows.fragment_failed(error, cause, pinned, client).await;
                     }
                 }
             }
             drop(events);
-            if !started && simple {
-                if let Some(rd) = &probe.row_description {
-                    protocol::put_message(&mut out, b'T', rd);
-                }
-            }
-            protocol::put_command_complete(&mut out, &format!("SELECT {}", concat.sent));
-            let z = if simple {
-                let z = pinned.sync(client).await?;
-                protocol::put_ready_for_query(&mut out, z);
-                Some(z)
-            } else {
-                None
-            };
-            write_client(client, &out).await?;
-            Ok(Outcome::Done(z))
+            rows.finish(concat.sent, pinned, client).await
         }
         MergeSpec::Combine(spec) => {
             let mut events = dispatch::run(jobs, login.clone(), query_id);
@@ -1045,6 +1008,126 @@ struct MergeContext<'a> {
     row_description: Option<&'a [u8]>,
 }
 
+/// The client's result while fragments stream final rows: a simple Query's
+/// RowDescription before the first row, the rows the merge passes, and how it ends.
+struct RowsOut<'a> {
+    ctx: MergeContext<'a>,
+    out: BytesMut,
+    /// A row came (the RowDescription is in `out` or sent).
+    started: bool,
+}
+
+impl<'a> RowsOut<'a> {
+    fn new(ctx: MergeContext<'a>) -> Self {
+        RowsOut {
+            ctx,
+            out: BytesMut::new(),
+            started: false,
+        }
+    }
+
+    /// Notes a row from the merge (sent or skipped by OFFSET).
+    fn begin(&mut self) {
+        if !self.started {
+            self.started = true;
+            self.put_description();
+        }
+    }
+
+    fn put_description(&mut self) {
+        if let (true, Some(rd)) = (self.ctx.simple, self.ctx.row_description) {
+            protocol::put_message(&mut self.out, b'T', rd);
+        }
+    }
+
+    /// Writes what is buffered once it is large, or when `now`.
+    async fn flush<C: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut C,
+        now: bool,
+    ) -> Result<(), Fail> {
+        if self.out.len() >= 64 << 10 || (now && !self.out.is_empty()) {
+            write_client(client, &self.out).await?;
+            client.flush().await.map_err(|_| Fail::Client)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// A fragment failed: before any row, the statement passes through (PostgreSQL's own
+    /// answer); after, the client gets the fragment's error.
+    async fn fragment_failed<R, W, C>(
+        self,
+        error: Option<BytesMut>,
+        cause: String,
+        pinned: &mut Pinned<'_, R, W>,
+        client: &mut C,
+    ) -> Result<Outcome, Fail>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+        C: AsyncWrite + Unpin,
+    {
+        let ctx = &self.ctx;
+        debug!(session = ctx.session_id, query = ctx.query_id, cause = %cause, "fragment failed");
+        if !self.started {
+            if ctx.simple {
+                pinned.sync(client).await?;
+            }
+            let reason = plan::PassReason::new("fragment_failed", cause);
+            return Ok(passthrough(ctx.session_id, ctx.query_id, &reason));
+        }
+        let e = match error {
+            Some(b) => protocol::strip_error_position(&b),
+            None => protocol::ErrorFields::error("08006", cause).to_bytes(),
+        };
+        answer_error(pinned, client, ctx.simple, &self.out, e).await
+    }
+
+    /// The merge stopped early (cancel or client gone).
+    async fn stopped<R, W, C>(
+        self,
+        stop: Stop,
+        pinned: &mut Pinned<'_, R, W>,
+        client: &mut C,
+    ) -> Result<Outcome, Fail>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+        C: AsyncWrite + Unpin,
+    {
+        answer_stop(stop, pinned, client, self.ctx.simple, &self.out).await
+    }
+
+    /// All rows are out: CommandComplete with `sent` rows, and for a simple Query the
+    /// primary's Sync and its ReadyForQuery.
+    async fn finish<R, W, C>(
+        mut self,
+        sent: u64,
+        pinned: &mut Pinned<'_, R, W>,
+        client: &mut C,
+    ) -> Result<Outcome, Fail>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+        C: AsyncWrite + Unpin,
+    {
+        if !self.started {
+            self.put_description();
+        }
+        protocol::put_command_complete(&mut self.out, &format!("SELECT {sent}"));
+        let z = if self.ctx.simple {
+            let z = pinned.sync(client).await?;
+            protocol::put_ready_for_query(&mut self.out, z);
+            Some(z)
+        } else {
+            None
+        };
+        write_client(client, &self.out).await?;
+        Ok(Outcome::Done(z))
+    }
+}
+
 /// Streams the k-way merge of sorted fragment streams to the client: waits for the next
 /// row of whichever fragment the merge needs, sends the smallest head row without its
 /// hidden key columns, and applies LIMIT/OFFSET.
@@ -1063,8 +1146,7 @@ where
     C: AsyncWrite + Unpin,
     CR: AsyncRead + Unpin,
 {
-    let mut out = BytesMut::new();
-    let mut started = false;
+    let mut rows = RowsOut::new(ctx);
     let mut expected: Option<Vec<u32>> = None;
     let failure = loop {
         if concat.full() {
@@ -1076,7 +1158,7 @@ where
                     Ok(ev) => ev,
                     Err(stop) => {
                         drop(streams);
-                        return answer_stop(stop, pinned, client, ctx.simple, &out).await;
+                        return rows.stopped(stop, pinned, client).await;
                     }
                 },
                 None => None,
@@ -1107,58 +1189,20 @@ where
         let Some(row) = merge.pop() else {
             break None; // every fragment is done
         };
-        if !started {
-            started = true;
-            if let (true, Some(rd)) = (ctx.simple, ctx.row_description) {
-                protocol::put_message(&mut out, b'T', rd);
-            }
-        }
+        rows.begin();
         match concat.step() {
-            ConcatStep::Send => out.extend_from_slice(&row),
+            ConcatStep::Send => rows.out.extend_from_slice(&row),
             ConcatStep::Skip => {}
             ConcatStep::Stop => break None,
         }
-        if out.len() >= 64 << 10 {
-            write_client(client, &out).await?;
-            client.flush().await.map_err(|_| Fail::Client)?;
-            out.clear();
-        }
+        rows.flush(client, false).await?;
     };
     // stops every fragment still running
     drop(streams);
-    if let Some((error, cause)) = failure {
-        debug!(session = ctx.session_id, query = ctx.query_id, cause = %cause, "fragment failed");
-        if !started {
-            if ctx.simple {
-                pinned.sync(client).await?;
-            }
-            return Ok(passthrough(
-                ctx.session_id,
-                ctx.query_id,
-                &plan::PassReason::new("fragment_failed", cause),
-            ));
-        }
-        let e = match error {
-            Some(b) => protocol::strip_error_position(&b),
-            None => protocol::ErrorFields::error("08006", cause).to_bytes(),
-        };
-        return answer_error(pinned, client, ctx.simple, &out, e).await;
+    match failure {
+        Some((error, cause)) => rows.fragment_failed(error, cause, pinned, client).await,
+        None => rows.finish(concat.sent, pinned, client).await,
     }
-    if !started && ctx.simple {
-        if let Some(rd) = ctx.row_description {
-            protocol::put_message(&mut out, b'T', rd);
-        }
-    }
-    protocol::put_command_complete(&mut out, &format!("SELECT {}", concat.sent));
-    let z = if ctx.simple {
-        let z = pinned.sync(client).await?;
-        protocol::put_ready_for_query(&mut out, z);
-        Some(z)
-    } else {
-        None
-    };
-    write_client(client, &out).await?;
-    Ok(Outcome::Done(z))
 }
 
 async fn probe<R, W, C>(

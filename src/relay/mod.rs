@@ -63,6 +63,7 @@ enum Held {
         len: usize,
     },
     Execute {
+        candidate: Arc<Candidate>,
         prepared: Arc<Prepared>,
         params: BindParams,
         len: usize,
@@ -387,14 +388,12 @@ where
                         len,
                     }) => (candidate, sql, Request::Simple, len),
                     Some(Held::Execute {
+                        candidate,
                         prepared,
                         params,
                         len,
                     }) => (
-                        match &prepared.candidate {
-                            Ok(c) => c.clone(),
-                            Err(_) => continue,
-                        },
+                        candidate,
                         prepared.sql.clone(),
                         Request::Extended {
                             param_types: prepared.param_types.clone(),
@@ -803,7 +802,7 @@ fn watch_client(
             let Some((prepared, params)) = intercept.portals.get(&portal).cloned() else {
                 return Visit::Forward;
             };
-            match &prepared.candidate {
+            let candidate = match &prepared.candidate {
                 // EXPLAIN FANOUT answers whatever the state (the stand-in would run instead)
                 Err(reason) => {
                     intercept.held = Some(Held::Explain {
@@ -813,7 +812,7 @@ fn watch_client(
                     });
                     return Visit::Stop;
                 }
-                Ok(c) if c.explain => {}
+                Ok(c) if c.explain => c.clone(),
                 Ok(c) => {
                     if max_rows != 0
                         || intercept.savepoint
@@ -821,9 +820,11 @@ fn watch_client(
                     {
                         return Visit::Forward;
                     }
+                    c.clone()
                 }
-            }
+            };
             intercept.held = Some(Held::Execute {
+                candidate,
                 prepared,
                 params,
                 len: header.total(),
