@@ -30,7 +30,7 @@ mod common;
 use std::cmp::Ordering;
 use std::time::Instant;
 
-use common::wire::{ErrorInfo, FieldDesc, Format, Msg, Oid, Raw, Transcript, WireClient};
+use common::wire::{ErrorInfo, FieldDesc, Mode, Msg, Oid, Raw, Transcript, WireClient};
 use common::{
     cluster, connect_primary, create_database, drop_database, fanout_config_toml, test_logs_dir,
     Pgfan,
@@ -942,33 +942,11 @@ async fn setup_database() -> String {
 // Running and comparing
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    ExtendedText,
-    ExtendedBinary,
-}
-
-impl Mode {
-    fn tag(self) -> &'static str {
-        match self {
-            Mode::Simple => "simple",
-            Mode::ExtendedText => "ext_text",
-            Mode::ExtendedBinary => "ext_binary",
-        }
-    }
-}
-
 async fn run_query(client: &mut WireClient, q: &Query, mode: Mode) -> std::io::Result<Transcript> {
-    match mode {
-        Mode::Simple => client.simple_query(&q.simple_sql()).await,
-        Mode::ExtendedText | Mode::ExtendedBinary => {
+    match mode.format() {
+        None => client.simple_query(&q.simple_sql()).await,
+        Some(format) => {
             let params: Vec<Option<&str>> = q.params.iter().map(|p| p.as_deref()).collect();
-            let format = if mode == Mode::ExtendedBinary {
-                Format::Binary
-            } else {
-                Format::Text
-            };
             client.extended_query(&q.sql, &params, format).await
         }
     }

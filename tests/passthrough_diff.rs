@@ -14,7 +14,7 @@
 mod common;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::wire::{self, Batch, Format, Msg, Transcript, WireClient};
+use common::wire::{self, Batch, Format, Mode, Msg, Transcript, WireClient};
 use common::{cluster, create_database, drop_database, test_logs_dir, Pgfan};
 
 // ---------------------------------------------------------------------------------------
@@ -648,34 +648,12 @@ fn corpus() -> Vec<Stmt> {
 // Runner
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    ExtendedText,
-    ExtendedBinary,
-}
-
-impl Mode {
-    fn tag(self) -> &'static str {
-        match self {
-            Mode::Simple => "simple",
-            Mode::ExtendedText => "ext_text",
-            Mode::ExtendedBinary => "ext_binary",
-        }
-    }
-}
-
 async fn run_stmt(client: &mut WireClient, stmt: &Stmt, mode: Mode) -> std::io::Result<Transcript> {
     let copy = stmt.copy.as_deref();
-    match mode {
-        Mode::Simple => client.simple_query_copy(&stmt.sql, copy).await,
-        Mode::ExtendedText | Mode::ExtendedBinary => {
+    match mode.format() {
+        None => client.simple_query_copy(&stmt.sql, copy).await,
+        Some(format) => {
             let params: Vec<Option<&str>> = stmt.params.iter().map(|p| p.as_deref()).collect();
-            let format = if mode == Mode::ExtendedBinary {
-                Format::Binary
-            } else {
-                Format::Text
-            };
             client
                 .extended_query_copy(&stmt.sql, &params, format, copy)
                 .await

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::wire::{diff, Format, Msg, Transcript, WireClient};
+use common::wire::{diff, Mode, Msg, Transcript, WireClient};
 use common::{cluster, show, test_logs_dir, Pgfan};
 
 /// Scale factor of the test data and the database `scripts/tpch load` puts it in.
@@ -77,25 +77,6 @@ const EXPECTED_ROUTES: [(u32, Route); 22] = [
 /// Queries that return exactly one row (an aggregate without GROUP BY) and so need no
 /// ORDER BY.
 const ONE_ROW: [u32; 4] = [6, 14, 17, 19];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    ExtendedText,
-    ExtendedBinary,
-}
-
-impl Mode {
-    const ALL: [Mode; 3] = [Mode::Simple, Mode::ExtendedText, Mode::ExtendedBinary];
-
-    fn tag(self) -> &'static str {
-        match self {
-            Mode::Simple => "simple",
-            Mode::ExtendedText => "extended text",
-            Mode::ExtendedBinary => "extended binary",
-        }
-    }
-}
 
 struct Query {
     number: u32,
@@ -239,10 +220,9 @@ pool_size = 8
 }
 
 async fn run(client: &mut WireClient, mode: Mode, sql: &str) -> std::io::Result<Transcript> {
-    match mode {
-        Mode::Simple => client.simple_query(sql).await,
-        Mode::ExtendedText => client.extended_query(sql, &[], Format::Text).await,
-        Mode::ExtendedBinary => client.extended_query(sql, &[], Format::Binary).await,
+    match mode.format() {
+        None => client.simple_query(sql).await,
+        Some(format) => client.extended_query(sql, &[], format).await,
     }
 }
 

@@ -589,16 +589,25 @@ fn rows_shape(
     }
     // plain scan: each fragment returns at most limit + offset rows
     let mut fragment = c.query.clone();
-    fragment.limit_clause = limit.map(|l| LimitClause::LimitOffset {
-        limit: Some(Expr::value(Value::Number((l + offset).to_string(), false))),
-        offset: None,
-        limit_by: vec![],
-    });
+    fragment.limit_clause = fragment_limit(limit, offset);
     Ok(Shape {
         fragment,
         filter: s.selection.clone(),
         merge: MergeSpec::Concat { limit, offset },
         split_on: None,
+    })
+}
+
+/// A fragment's LIMIT: the rows the merge may need, limit + offset (the merge skips the
+/// offset); none without a LIMIT.
+fn fragment_limit(limit: Option<u64>, offset: u64) -> Option<LimitClause> {
+    limit.map(|l| LimitClause::LimitOffset {
+        limit: Some(Expr::value(Value::Number(
+            l.saturating_add(offset).to_string(),
+            false,
+        ))),
+        offset: None,
+        limit_by: vec![],
     })
 }
 
@@ -694,11 +703,7 @@ fn ordered_shape(
             alias: Ident::new(format!("pgfan_h{i}")),
         });
     }
-    fragment.limit_clause = limit.map(|l| LimitClause::LimitOffset {
-        limit: Some(Expr::value(Value::Number((l + offset).to_string(), false))),
-        offset: None,
-        limit_by: vec![],
-    });
+    fragment.limit_clause = fragment_limit(limit, offset);
     Ok(Shape {
         fragment,
         filter: s.selection.clone(),
@@ -736,14 +741,7 @@ fn topn_shape(
             alias: Ident::new(format!("pgfan_h{i}")),
         });
     }
-    fragment.limit_clause = Some(LimitClause::LimitOffset {
-        limit: Some(Expr::value(Value::Number(
-            (limit + offset).to_string(),
-            false,
-        ))),
-        offset: None,
-        limit_by: vec![],
-    });
+    fragment.limit_clause = fragment_limit(Some(limit), offset);
     Ok(Shape {
         fragment,
         filter: s.selection.clone(),

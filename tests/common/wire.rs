@@ -36,6 +36,37 @@ pub enum Format {
     Binary,
 }
 
+/// The three ways the differential suites run each statement: a simple Query, and the
+/// extended protocol with text and with binary results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Simple,
+    ExtendedText,
+    ExtendedBinary,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Simple, Mode::ExtendedText, Mode::ExtendedBinary];
+
+    /// A short name for logs and database names.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Mode::Simple => "simple",
+            Mode::ExtendedText => "ext_text",
+            Mode::ExtendedBinary => "ext_binary",
+        }
+    }
+
+    /// The result format of an extended-protocol run; `None` for a simple Query.
+    pub fn format(self) -> Option<Format> {
+        match self {
+            Mode::Simple => None,
+            Mode::ExtendedText => Some(Format::Text),
+            Mode::ExtendedBinary => Some(Format::Binary),
+        }
+    }
+}
+
 impl Format {
     pub fn code(self) -> i16 {
         match self {
