@@ -8,13 +8,14 @@
 //! binary arrays the combine step sends to PostgreSQL.
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use pgfan::config::FanoutConfig;
 use pgfan::merge::PartialRows;
-use pgfan::plan::{self, Candidate, ColumnInfo, Route, TableInfo};
+use pgfan::plan::{self, Candidate, ColumnInfo, Route, TableInfo, TableSet};
 
 const TPCH_Q1: &str = "\
 select
@@ -106,6 +107,7 @@ fn lineitem() -> TableInfo {
         blocks: 100_000,
         reltuples: 6_000_000.0,
         columns,
+        partitions: vec![],
     }
 }
 
@@ -126,12 +128,18 @@ fn pgbench_accounts() -> TableInfo {
         blocks: 100_000,
         reltuples: 10_000_000.0,
         columns,
+        partitions: vec![],
     }
 }
 
-fn parse_and_plan(sql: &str, table: &TableInfo, cfg: &FanoutConfig) -> Route {
+/// The catalog of a one-table statement: `table` under the name the statement uses.
+fn tables_of(name: &str, table: &TableInfo) -> TableSet {
+    TableSet::new(vec![(format!("\"{name}\""), Arc::new(table.clone()))])
+}
+
+fn parse_and_plan(sql: &str, tables: &TableSet, cfg: &FanoutConfig) -> Route {
     match Candidate::parse(sql) {
-        Ok(c) => plan::plan(&c, table, cfg, SLOTS),
+        Ok(c) => plan::plan(&c, tables, cfg, SLOTS),
         Err(reason) => Route::PassThrough(reason),
     }
 }
@@ -149,8 +157,8 @@ fn describe(route: &Route) -> String {
 
 fn bench_plan(c: &mut Criterion) {
     let cfg = FanoutConfig::default();
-    let lineitem = lineitem();
-    let accounts = pgbench_accounts();
+    let lineitem = tables_of("lineitem", &lineitem());
+    let accounts = tables_of("pgbench_accounts", &pgbench_accounts());
     // Say once which route each statement takes, so a silent change shows in the output.
     eprintln!(
         "route of tpch_q1: {}",
@@ -170,18 +178,18 @@ fn bench_plan(c: &mut Criterion) {
     });
     let q1 = Candidate::parse(TPCH_Q1).expect("TPC-H Q1 parses");
     g.bench_function("tpch_q1/analyze", |b| {
-        b.iter(|| plan::rewrite::analyze(black_box(&q1), &lineitem, cfg.min_rows_per_group))
+        b.iter(|| plan::rewrite::analyze(black_box(&q1), &lineitem, &cfg))
     });
+    let shape = plan::rewrite::analyze(&q1, &lineitem, &cfg).expect("TPC-H Q1 analyzes");
     g.bench_function("tpch_q1/split", |b| {
-        b.iter(|| plan::split::choose(black_box(&q1), &lineitem, &cfg, SLOTS, None))
+        b.iter(|| plan::split::choose(black_box(&shape.site), &cfg, SLOTS, None))
     });
     // A statement text seen before: the parse and the analysis come from the caches, so
     // planning is the lookup, the split choice and the predicate splice.
     let statements = plan::cache::StatementCache::default();
-    let shared = std::sync::Arc::new(lineitem.clone());
     g.bench_function("tpch_q1/parse+plan, repeated text", |b| {
         b.iter(|| match statements.parse(black_box(TPCH_Q1)) {
-            Ok(c) => plan::plan_shared(&c, &shared, &cfg, SLOTS),
+            Ok(c) => plan::plan_shared(&c, &lineitem, &cfg, SLOTS),
             Err(reason) => Route::PassThrough(reason),
         })
     });

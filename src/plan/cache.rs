@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::rewrite::{self, Shape};
-use super::{Candidate, PassReason, TableInfo};
+use super::{Candidate, PassReason, TableInfo, TableSet};
+use crate::config::FanoutConfig;
 
 /// Entries before the statement cache starts over (texts with literals never repeat, so
 /// a full cache is mostly such texts).
@@ -41,10 +42,10 @@ impl StatementCache {
     }
 }
 
-/// An analysis and the catalog entry it was made against.
-type Analysis = (Arc<TableInfo>, Result<Arc<Shape>, PassReason>);
+/// An analysis and the catalog entries it was made against.
+type Analysis = (Vec<Arc<TableInfo>>, Result<Arc<Shape>, PassReason>);
 
-/// The analysis of one candidate, kept with the catalog entry it was made against (a new
+/// The analysis of one candidate, kept with the catalog entries it was made against (a new
 /// entry after a TTL refresh or DDL means a new analysis).
 #[derive(Default)]
 pub struct ShapeMemo {
@@ -52,24 +53,31 @@ pub struct ShapeMemo {
 }
 
 impl ShapeMemo {
-    /// `rewrite::analyze(c, table, min_rows_per_group)`, computed once per catalog entry
-    /// (the setting is fixed for the life of the process).
+    /// `rewrite::analyze(c, tables, cfg)`, computed once per set of catalog entries (the
+    /// configuration is fixed for the life of the process).
     pub fn analyze(
         &self,
         c: &Candidate,
-        table: &Arc<TableInfo>,
-        min_rows_per_group: u64,
+        tables: &TableSet,
+        cfg: &FanoutConfig,
     ) -> Result<Arc<Shape>, PassReason> {
+        let same = |seen: &[Arc<TableInfo>]| {
+            seen.len() == tables.tables().count()
+                && seen
+                    .iter()
+                    .zip(tables.tables())
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        };
         if let Ok(last) = self.last.lock() {
-            if let Some((t, shape)) = last.as_ref() {
-                if Arc::ptr_eq(t, table) {
+            if let Some((seen, shape)) = last.as_ref() {
+                if same(seen) {
                     return shape.clone();
                 }
             }
         }
-        let shape = rewrite::analyze(c, table, min_rows_per_group).map(Arc::new);
+        let shape = rewrite::analyze(c, tables, cfg).map(Arc::new);
         if let Ok(mut last) = self.last.lock() {
-            *last = Some((table.clone(), shape.clone()));
+            *last = Some((tables.tables().cloned().collect(), shape.clone()));
         }
         shape
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::backends::pool::PooledConnection;
 
 /// One column of a table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ColumnInfo {
     /// Column name.
     pub name: String,
@@ -52,6 +52,19 @@ pub struct TableInfo {
     pub reltuples: f64,
     /// Columns in attnum order.
     pub columns: Vec<ColumnInfo>,
+    /// For a partitioned table: its direct partitions.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// One direct partition of a partitioned table.
+#[derive(Debug, Clone)]
+pub struct PartitionInfo {
+    /// Schema-qualified, quoted name.
+    pub qualified: String,
+    /// `relkind` (`r`, or `p` for a partition that is partitioned itself).
+    pub kind: char,
+    /// Heap blocks of all its leaf partitions.
+    pub blocks: u64,
 }
 
 impl TableInfo {
@@ -136,7 +149,37 @@ pub async fn load_table(
         blocks: text(4).parse().unwrap_or(0),
         reltuples: text(5).parse().unwrap_or(0.0),
         columns: Vec::new(),
+        partitions: Vec::new(),
     };
+    if info.kind == 'p' {
+        // a partitioned table has no heap: its size and rows are its leaves'
+        let parts = conn
+            .simple_query(&format!(
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind, \
+                 (SELECT coalesce(sum(pg_relation_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t) \
+                 / current_setting('block_size')::int, \
+                 (SELECT coalesce(sum(greatest(x.reltuples, 0)), 0) FROM pg_partition_tree(c.oid) t \
+                 JOIN pg_class x ON x.oid = t.relid WHERE t.isleaf) \
+                 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE i.inhparent = {oid} ORDER BY c.oid"
+            ))
+            .await?;
+        let (mut blocks, mut rows) = (0u64, 0f64);
+        for p in parts {
+            let text = |i: usize| p.get(i).cloned().flatten().unwrap_or_default();
+            let part = PartitionInfo {
+                qualified: text(0),
+                kind: text(1).chars().next().unwrap_or('r'),
+                blocks: text(2).parse().unwrap_or(0),
+            };
+            blocks += part.blocks;
+            rows += text(3).parse::<f64>().unwrap_or(0.0);
+            info.partitions.push(part);
+        }
+        info.blocks = blocks;
+        info.reltuples = rows;
+    }
     let cols = conn
         .simple_query(&format!(
             "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod), \
@@ -152,7 +195,7 @@ pub async fn load_table(
              LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace \
              LEFT JOIN pg_class c ON c.oid = a.attrelid \
              LEFT JOIN pg_namespace n ON n.oid = c.relnamespace \
-             LEFT JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = a.attname AND NOT s.inherited \
+             LEFT JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = a.attname AND s.inherited = (c.relkind = 'p') \
              WHERE a.attrelid = {oid} AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
         ))
         .await?;

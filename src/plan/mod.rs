@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod catalog;
+pub mod from;
 pub mod rewrite;
 pub mod split;
 
@@ -23,8 +24,9 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 pub use catalog::{CatalogCache, ColumnInfo, TableInfo};
+pub use from::TableSet;
 pub use rewrite::{AggKind, CombineSpec, MergeSpec};
-pub use split::SplitStrategy;
+pub use split::{SplitSite, SplitStrategy};
 
 use crate::config::FanoutConfig;
 
@@ -58,6 +60,8 @@ impl fmt::Display for PassReason {
 pub struct Plan {
     /// The split table, schema-qualified.
     pub table: String,
+    /// The joined tables read in the same key ranges (`qualifier.column`).
+    pub co_ranges: Vec<String>,
     /// How the table is cut.
     pub split: SplitStrategy,
     /// One SQL text per fragment (with the client's `$n` parameters, if any).
@@ -80,10 +84,9 @@ pub enum Route {
 pub struct Candidate {
     /// The parsed SELECT.
     pub query: Query,
-    /// The single table, as to_regclass() text (`"public"."events"` or `"events"`).
-    pub table: String,
-    /// Names the table may be referred by in column references (alias or last name part).
-    pub qualifiers: Vec<String>,
+    /// Every table it names at any depth, as to_regclass() text (`"public"."events"` or
+    /// `"events"`), first seen first.
+    pub relations: Vec<String>,
     /// `EXPLAIN FANOUT <query>`: describe, do not run.
     pub explain: bool,
     /// It has aggregates that cannot be split into partial and combine steps (DISTINCT,
@@ -348,11 +351,10 @@ impl Candidate {
             return Err(PassReason::new("not_select", "not a SELECT"));
         };
         let query = *query;
-        let (table, qualifiers, holistic) = check_shape(&query)?;
+        let (relations, holistic) = check_shape(&query)?;
         Ok(Candidate {
             query,
-            table,
-            qualifiers,
+            relations,
             explain,
             holistic,
             shape: cache::ShapeMemo::default(),
@@ -364,8 +366,9 @@ fn unsupported(detail: impl Into<String>) -> PassReason {
     PassReason::new("unsupported_shape", detail)
 }
 
-/// Checks the query is one SELECT over one plain table with only safe expressions.
-fn check_shape(q: &Query) -> Result<(String, Vec<String>, bool), PassReason> {
+/// Checks the query is one SELECT over tables, joins and subqueries with only safe
+/// expressions; returns the tables it names and whether it has holistic aggregates.
+fn check_shape(q: &Query) -> Result<(Vec<String>, bool), PassReason> {
     if q.with.is_some() {
         return Err(unsupported("WITH query"));
     }
@@ -395,56 +398,8 @@ fn check_shape(q: &Query) -> Result<(String, Vec<String>, bool), PassReason> {
     {
         return Err(unsupported("clause pgfan does not split"));
     }
-    if s.from.len() != 1 || !s.from[0].joins.is_empty() {
-        return Err(PassReason::new("join", "not a single-table SELECT"));
-    }
-    let TableFactor::Table {
-        name,
-        alias,
-        args,
-        with_hints,
-        version,
-        partitions,
-        sample,
-        with_ordinality,
-        json_path,
-        ..
-    } = &s.from[0].relation
-    else {
-        return Err(unsupported("FROM is not a plain table"));
-    };
-    if args.is_some()
-        || !with_hints.is_empty()
-        || version.is_some()
-        || !partitions.is_empty()
-        || sample.is_some()
-        || *with_ordinality
-        || json_path.is_some()
-    {
-        return Err(unsupported("table function, sample or hint"));
-    }
-    if alias.as_ref().is_some_and(|a| !a.columns.is_empty()) {
-        return Err(unsupported("table alias with column names"));
-    }
-    let mut parts = Vec::new();
-    for p in &name.0 {
-        match p {
-            ObjectNamePart::Identifier(i) => parts.push(fold(i)),
-            _ => return Err(unsupported("table name")),
-        }
-    }
-    if parts.is_empty() || parts.len() > 2 {
-        return Err(unsupported("table name with a database part"));
-    }
-    let table = parts
-        .iter()
-        .map(|p| quote_ident(p))
-        .collect::<Vec<_>>()
-        .join(".");
-    let mut qualifiers = vec![];
-    match alias {
-        Some(a) => qualifiers.push(fold(&a.name)),
-        None => qualifiers.push(parts[parts.len() - 1].clone()),
+    if s.from.is_empty() {
+        return Err(PassReason::new("no_table", "no FROM clause"));
     }
     if let GroupByExpr::Expressions(_, modifiers) = &s.group_by {
         if !modifiers.is_empty() {
@@ -472,6 +427,8 @@ fn check_shape(q: &Query) -> Result<(String, Vec<String>, bool), PassReason> {
     let mut checker = ExprCheck {
         problem: None,
         holistic: false,
+        depth: 0,
+        relations: Vec::new(),
     };
     let _ = q.visit(&mut checker);
     if let Some(p) = checker.problem {
@@ -482,15 +439,28 @@ fn check_shape(q: &Query) -> Result<(String, Vec<String>, bool), PassReason> {
             return Err(unsupported("multiple aliases"));
         }
     }
-    Ok((table, qualifiers, checker.holistic))
+    Ok((checker.relations, checker.holistic))
 }
 
-/// Rejects expressions whose value could differ between fragments or that need the whole
-/// input (subqueries, window functions, volatile or unknown functions).
+/// Rejects expressions whose value could differ between fragments (window functions,
+/// volatile or unknown functions, a subquery's LIMIT), FROM items other than tables,
+/// subqueries and joins; collects the tables named at any depth.
 struct ExprCheck {
     problem: Option<PassReason>,
-    /// An aggregate that only complete groups compute (see [`Candidate::holistic`]).
+    /// An aggregate of the statement itself (not of a subquery) that only complete groups
+    /// compute (see [`Candidate::holistic`]).
     holistic: bool,
+    /// 1 in the statement, more inside subqueries.
+    depth: usize,
+    /// Relation keys of every table named.
+    relations: Vec<String>,
+}
+
+impl ExprCheck {
+    fn fail(&mut self, p: PassReason) -> ControlFlow<()> {
+        self.problem.get_or_insert(p);
+        ControlFlow::Break(())
+    }
 }
 
 /// Aggregates computed only over complete groups; the first four must order their input
@@ -528,15 +498,81 @@ fn holistic_problem(f: &sqlparser::ast::Function, name: &str) -> Option<String> 
 impl Visitor for ExprCheck {
     type Break = ();
 
-    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        if self.depth > 1 {
+            // each fragment evaluates a subquery whole: it must give every fragment the
+            // same rows
+            if q.with.is_some() {
+                return self.fail(unsupported("WITH inside a subquery"));
+            }
+            if q.limit_clause.is_some() || q.fetch.is_some() {
+                return self.fail(unsupported("LIMIT, OFFSET or FETCH inside a subquery"));
+            }
+            if !q.locks.is_empty() || q.for_clause.is_some() {
+                return self.fail(unsupported("FOR UPDATE/SHARE inside a subquery"));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, name: &ObjectName) -> ControlFlow<()> {
+        match from::relation_key(name) {
+            Ok(key) => {
+                if !self.relations.contains(&key) {
+                    self.relations.push(key);
+                }
+                ControlFlow::Continue(())
+            }
+            Err(p) => self.fail(p),
+        }
+    }
+
+    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
+        let ok = match tf {
+            TableFactor::Table {
+                args,
+                with_hints,
+                version,
+                partitions,
+                sample,
+                with_ordinality,
+                json_path,
+                alias,
+                ..
+            } => {
+                args.is_none()
+                    && with_hints.is_empty()
+                    && version.is_none()
+                    && partitions.is_empty()
+                    && sample.is_none()
+                    && !with_ordinality
+                    && json_path.is_none()
+                    && alias.as_ref().is_none_or(|a| a.columns.is_empty())
+            }
+            TableFactor::Derived {
+                lateral, sample, ..
+            } => !lateral && sample.is_none(),
+            TableFactor::NestedJoin { alias, .. } => alias.is_none(),
+            _ => false,
+        };
+        if !ok {
+            return self.fail(unsupported(
+                "FROM item other than a table, subquery or join (function, LATERAL, sample, \
+                 hint or column aliases)",
+            ));
+        }
         ControlFlow::Continue(())
     }
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        let top = self.depth <= 1;
         let problem = match e {
-            Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
-                Some(PassReason::new("subquery", "subquery"))
-            }
             Expr::GroupingSets(_) | Expr::Cube(_) | Expr::Rollup(_) => {
                 Some(unsupported("GROUPING SETS, CUBE or ROLLUP"))
             }
@@ -548,9 +584,10 @@ impl Visitor for ExprCheck {
                     }
                     Some(n) if aggregate_kind(&n).is_some() => match aggregate_problem(f) {
                         None => None,
-                        // DISTINCT or ORDER BY inside: exact over complete groups
+                        // DISTINCT or ORDER BY inside: exact over complete groups (a
+                        // subquery's own aggregates see its whole input in every fragment)
                         Some(_) if f.within_group.is_empty() => {
-                            self.holistic = true;
+                            self.holistic |= top;
                             None
                         }
                         Some(d) => Some(PassReason::new("aggregate", d)),
@@ -558,7 +595,7 @@ impl Visitor for ExprCheck {
                     Some(n) if HOLISTIC_AGGREGATES.contains(&n.as_str()) => {
                         match holistic_problem(f, &n) {
                             None => {
-                                self.holistic = true;
+                                self.holistic |= top;
                                 None
                             }
                             Some(d) => Some(PassReason::new("aggregate", d)),
@@ -619,59 +656,67 @@ fn aggregate_problem(f: &sqlparser::ast::Function) -> Option<String> {
     }
 }
 
-/// Decides the route of a candidate with the table's catalog facts. `slots` is the number
-/// of fragment connections the usable backends have.
-pub fn plan(c: &Candidate, table: &TableInfo, cfg: &FanoutConfig, slots: usize) -> Route {
-    let shape = || rewrite::analyze(c, table, cfg.min_rows_per_group).map(Arc::new);
-    match plan_inner(c, table, cfg, slots, shape) {
+/// Decides the route of a candidate with the catalog facts of its tables. `slots` is the
+/// number of fragment connections the usable backends have.
+pub fn plan(c: &Candidate, tables: &TableSet, cfg: &FanoutConfig, slots: usize) -> Route {
+    let shape = || rewrite::analyze(c, tables, cfg).map(Arc::new);
+    match plan_inner(tables, cfg, slots, shape) {
         Ok(p) => Route::FanOut(Box::new(p)),
         Err(r) => Route::PassThrough(r),
     }
 }
 
 /// [`plan`] with the candidate's analysis kept for the next time it meets the same
-/// catalog entry (see [`cache::ShapeMemo`]).
-pub fn plan_shared(
-    c: &Candidate,
-    table: &Arc<TableInfo>,
-    cfg: &FanoutConfig,
-    slots: usize,
-) -> Route {
-    let shape = || c.shape.analyze(c, table, cfg.min_rows_per_group);
-    match plan_inner(c, table, cfg, slots, shape) {
+/// catalog entries (see [`cache::ShapeMemo`]).
+pub fn plan_shared(c: &Candidate, tables: &TableSet, cfg: &FanoutConfig, slots: usize) -> Route {
+    let shape = || c.shape.analyze(c, tables, cfg);
+    match plan_inner(tables, cfg, slots, shape) {
         Ok(p) => Route::FanOut(Box::new(p)),
         Err(r) => Route::PassThrough(r),
     }
 }
 
 fn plan_inner(
-    c: &Candidate,
-    table: &TableInfo,
+    tables: &TableSet,
     cfg: &FanoutConfig,
     slots: usize,
     shape: impl FnOnce() -> Result<Arc<rewrite::Shape>, PassReason>,
 ) -> Result<Plan, PassReason> {
-    match table.kind {
-        'r' | 'm' => {}
-        'p' => {
-            return Err(PassReason::new(
-                "partitioned",
-                "partitioned table (split partition-wise is not built yet)",
-            ))
+    for t in tables.tables() {
+        match t.kind {
+            'r' | 'm' | 'p' => {}
+            'v' => {
+                return Err(PassReason::new(
+                    "view",
+                    format!(
+                        "{} is a view (pgfan does not see what it reads)",
+                        t.qualified
+                    ),
+                ))
+            }
+            _ => {
+                return Err(PassReason::new(
+                    "not_table",
+                    format!("{} is not a table", t.qualified),
+                ))
+            }
         }
-        _ => return Err(PassReason::new("not_table", "not a plain table")),
-    }
-    if table.temporary {
-        return Err(PassReason::new(
-            "temporary",
-            "temporary table (other connections cannot see it)",
-        ));
+        if t.temporary {
+            return Err(PassReason::new(
+                "temporary",
+                format!(
+                    "{} is a temporary table (other connections cannot see it)",
+                    t.qualified
+                ),
+            ));
+        }
     }
     let shape = shape()?;
-    let split = split::choose(c, table, cfg, slots, shape.split_on.as_deref())?;
-    let fragments = shape.fragment_sqls(&split.predicates());
+    let split = split::choose(&shape.site, cfg, slots, shape.split_on.as_deref())?;
+    let fragments = shape.fragment_sqls(&split)?;
     Ok(Plan {
-        table: table.qualified.clone(),
+        table: shape.site.table.qualified.clone(),
+        co_ranges: shape.co_range_lines(&split),
         split,
         fragments,
         merge: shape.merge.clone(),
@@ -705,7 +750,11 @@ mod tests {
     fn shapes() {
         assert!(Candidate::parse("SELECT count(*) FROM t WHERE a > 1").is_ok());
         assert!(Candidate::parse("SELECT random() FROM t").is_err());
-        assert!(Candidate::parse("SELECT * FROM t JOIN u ON true").is_err());
+        assert!(Candidate::parse("SELECT * FROM t JOIN u ON true").is_ok());
+        assert!(Candidate::parse("SELECT * FROM t, LATERAL (SELECT 1) x").is_err());
+        assert!(Candidate::parse("SELECT * FROM generate_series(1, 3)").is_err());
+        assert!(Candidate::parse("WITH x AS (SELECT 1) SELECT * FROM x").is_err());
+        assert!(Candidate::parse("SELECT * FROM t WHERE a IN (SELECT b FROM u LIMIT 1)").is_err());
         // holistic aggregates are candidates that need complete groups
         let holistic = |sql: &str| Candidate::parse(sql).map(|c| c.holistic).ok();
         assert_eq!(holistic("SELECT count(DISTINCT a) FROM t"), Some(true));
@@ -724,10 +773,18 @@ mod tests {
         );
         assert!(Candidate::parse("SELECT sum(a) OVER () FROM t").is_err());
         assert!(Candidate::parse("SELECT * FROM t FOR UPDATE").is_err());
-        assert!(Candidate::parse("SELECT a FROM t WHERE a IN (SELECT 1)").is_err());
+        let c = Candidate::parse(
+            "SELECT a FROM t WHERE a IN (SELECT 1 FROM u) AND EXISTS (SELECT FROM t x)",
+        )
+        .unwrap();
+        assert_eq!(c.relations, vec!["\"t\"".to_string(), "\"u\"".to_string()]);
+        // a subquery's DISTINCT aggregate sees its whole input in every fragment
+        assert_eq!(
+            holistic("SELECT a FROM t WHERE a > (SELECT count(DISTINCT b) FROM u)"),
+            Some(false)
+        );
         let c = Candidate::parse("EXPLAIN FANOUT SELECT x FROM public.\"Big\" b").unwrap();
         assert!(c.explain);
-        assert_eq!(c.table, "\"public\".\"Big\"");
-        assert_eq!(c.qualifiers, vec!["b".to_string()]);
+        assert_eq!(c.relations, vec!["\"public\".\"Big\"".to_string()]);
     }
 }

@@ -12,14 +12,18 @@ use sqlparser::ast::{
     BinaryOperator, Distinct, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
     FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName, ObjectNamePart, OrderByExpr,
     OrderByKind, OrderBySort, Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
-    TableFactor, Value, VisitMut, VisitorMut, WildcardAdditionalOptions,
+    TableAlias, TableFactor, TableWithJoins, Value, Visit, VisitMut, Visitor, VisitorMut,
+    WildcardAdditionalOptions,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use crate::config::FanoutConfig;
 use crate::merge::ordered::{is_c_collation, KeyKind, MergeKey};
 
-use super::{aggregate_kind, fold, function_name, Candidate, ColumnInfo, PassReason, TableInfo};
+use super::from::{self, Place, Scope, Source, TableSet};
+use super::split::{self, SplitSite, SplitStrategy};
+use super::{aggregate_kind, fold, function_name, Candidate, ColumnInfo, PassReason};
 
 /// An aggregate pgfan splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,12 +94,13 @@ pub enum CombineSpec {
         /// Combine SQL with `pgfan_src` for the partial rows and `pgfan_agg_<i>()` markers.
         template: String,
     },
-    /// ORDER BY … LIMIT: fragments return their top rows plus hidden sort keys.
+    /// ORDER BY on keys pgfan cannot compare itself: fragments return their (top) rows
+    /// plus hidden sort keys, sorted (and cut) in the combine.
     TopN {
         /// The hidden sort-key columns at the end of each fragment row.
         keys: Vec<SortKey>,
-        /// LIMIT.
-        limit: u64,
+        /// LIMIT, if any.
+        limit: Option<u64>,
         /// OFFSET.
         offset: u64,
     },
@@ -156,82 +161,106 @@ impl MergeSpec {
             MergeSpec::Combine(CombineSpec::Aggregate { template, .. }) => {
                 format!("Merge: combine on the session connection: {template}")
             }
-            MergeSpec::Combine(CombineSpec::TopN { limit, offset, .. }) => {
+            MergeSpec::Combine(CombineSpec::TopN {
+                limit: Some(limit),
+                offset,
+                ..
+            }) => {
                 format!("Merge: top-N combine, limit {limit} offset {offset}")
+            }
+            MergeSpec::Combine(CombineSpec::TopN { offset, .. }) => {
+                format!("Merge: sort combine, offset {offset}")
             }
         }
     }
 }
 
-/// The analyzed statement: the fragment query (without its split predicate) and the merge.
+/// The analyzed statement: the fragment query with markers where the split table and the
+/// split predicates go, the merge, and the table occurrence to split.
 #[derive(Debug, Clone)]
 pub struct Shape {
-    fragment: Query,
-    filter: Option<Expr>,
+    /// The rendered fragment query with [`RELATION_MARKER`], [`PREDICATE_MARKER`] and one
+    /// co-range marker per [`CoRange`].
+    template: String,
     /// The merge.
     pub merge: MergeSpec,
     /// The column the split must be on: a GROUP BY column, so that every group lies
     /// within one fragment and fragments compute final groups.
     pub split_on: Option<String>,
+    /// The table occurrence to split.
+    pub site: SplitSite,
+    co_ranges: Vec<CoRange>,
 }
 
-/// Stands for the split predicate while the fragment query is rendered once; each
-/// fragment's SQL is then the rendered text with its predicate spliced in.
+/// A table equi-joined to the split table on indexed keys: with an index split on the
+/// split side's key, each fragment reads it in the same key range.
+#[derive(Debug, Clone)]
+struct CoRange {
+    split_column: String,
+    qualifier: String,
+    column: String,
+    place: Place,
+}
+
+/// Stands for the split table in the rendered fragment query.
+const RELATION_MARKER: &str = "pgfan_split_relation_7c1e";
+/// Stands for the split predicate.
 const PREDICATE_MARKER: &str = "pgfan_split_predicate_7c1e";
 
+fn co_range_marker(i: usize) -> String {
+    format!("pgfan_co_range_{i}_7c1e")
+}
+
 impl Shape {
-    /// The SQL of each fragment: the fragment query with its predicate AND-ed to the
-    /// original WHERE. Renders the query once and splices each predicate into the text,
-    /// since rendering (and re-parsing predicates) per fragment dominates planning time.
-    pub fn fragment_sqls(&self, predicates: &[String]) -> Vec<String> {
-        let rendered = self.render(Some(Expr::Identifier(Ident::new(PREDICATE_MARKER))));
-        match rendered.split_once(PREDICATE_MARKER) {
-            Some((head, tail)) if !tail.contains(PREDICATE_MARKER) => predicates
-                .iter()
-                .map(|p| {
-                    let p = if p.is_empty() { "TRUE" } else { p };
-                    let mut sql = String::with_capacity(head.len() + p.len() + tail.len() + 2);
-                    sql.push_str(head);
-                    sql.push('(');
-                    sql.push_str(p);
-                    sql.push(')');
-                    sql.push_str(tail);
-                    sql
-                })
-                .collect(),
-            // The statement itself spells the marker: render each fragment the slow way.
-            _ => predicates.iter().map(|p| self.fragment_sql(p)).collect(),
+    /// The SQL of each fragment: the template with the split table (or the partitions) and
+    /// the predicates spliced in. The query is rendered once, at analysis, since rendering
+    /// per fragment dominates planning time.
+    pub fn fragment_sqls(&self, split: &SplitStrategy) -> Result<Vec<String>, PassReason> {
+        let relations = split.relations(&self.site.table);
+        let predicates = split.predicates(&self.site.qualifier);
+        let co: Vec<Option<Vec<String>>> = self
+            .co_ranges
+            .iter()
+            .map(|c| split.co_predicates(&c.split_column, &c.qualifier, &c.column))
+            .collect();
+        let paren = |p: &str| {
+            if p.is_empty() {
+                "(TRUE)".to_string()
+            } else {
+                format!("({p})")
+            }
+        };
+        let mut out = Vec::with_capacity(relations.len());
+        for (i, (relation, predicate)) in relations.iter().zip(&predicates).enumerate() {
+            let mut sql = self
+                .template
+                .replacen(RELATION_MARKER, relation, 1)
+                .replacen(PREDICATE_MARKER, &paren(predicate), 1);
+            for (j, c) in co.iter().enumerate() {
+                let p = c.as_ref().and_then(|c| c.get(i)).map(String::as_str);
+                sql = sql.replacen(&co_range_marker(j), &paren(p.unwrap_or("")), 1);
+            }
+            out.push(sql);
         }
+        Ok(out)
     }
 
-    /// The fragment SQL with `predicate` AND-ed to the original WHERE.
-    fn fragment_sql(&self, predicate: &str) -> String {
-        let pred = if predicate.is_empty() {
-            None
-        } else {
-            Parser::new(&PostgreSqlDialect {})
-                .try_with_sql(predicate)
-                .and_then(|mut p| p.parse_expr())
-                .ok()
-        };
-        self.render(pred)
-    }
-
-    fn render(&self, pred: Option<Expr>) -> String {
-        let mut q = self.fragment.clone();
-        let selection = match (&self.filter, pred) {
-            (Some(w), Some(p)) => Some(Expr::BinaryOp {
-                left: Box::new(Expr::Nested(Box::new(w.clone()))),
-                op: BinaryOperator::And,
-                right: Box::new(p),
-            }),
-            (Some(w), None) => Some(w.clone()),
-            (None, p) => p,
-        };
-        if let SetExpr::Select(s) = q.body.as_mut() {
-            s.selection = selection;
-        }
-        q.to_string()
+    /// `qualifier.column` of each table read in the split's key ranges.
+    pub fn co_range_lines(&self, split: &SplitStrategy) -> Vec<String> {
+        self.co_ranges
+            .iter()
+            .filter(|c| {
+                split
+                    .co_predicates(&c.split_column, &c.qualifier, &c.column)
+                    .is_some()
+            })
+            .map(|c| {
+                format!(
+                    "{}.{} = {}.{}",
+                    c.qualifier, c.column, self.site.qualifier, c.split_column
+                )
+            })
+            .collect()
     }
 }
 
@@ -293,89 +322,39 @@ fn limit_offset(q: &Query) -> Result<(Option<u64>, u64), PassReason> {
     }
 }
 
-/// Resolves column references against the table; collects problems.
+/// Resolves column references (outside subqueries, which see their own FROM) against
+/// the scope; collects problems.
 struct ColumnCheck<'a> {
-    table: &'a TableInfo,
-    qualifiers: &'a [String],
+    scope: &'a Scope,
+    depth: usize,
     problem: Option<PassReason>,
     nondeterministic: bool,
 }
 
-impl ColumnCheck<'_> {
-    fn column(&self, e: &Expr) -> Option<Option<&super::ColumnInfo>> {
-        match e {
-            Expr::Identifier(i) => Some(self.table.column(&fold(i))),
-            Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
-                if self.qualifiers.contains(&fold(&parts[0])) {
-                    Some(self.table.column(&fold(&parts[1])))
-                } else {
-                    Some(None)
-                }
-            }
-            Expr::CompoundIdentifier(_) => Some(None),
-            _ => None,
-        }
-    }
-}
-
-impl VisitorMut for ColumnCheck<'_> {
+impl Visitor for ColumnCheck<'_> {
     type Break = ();
-    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-        match self.column(e) {
-            Some(Some(c)) if !c.deterministic => self.nondeterministic = true,
-            Some(Some(_)) => {}
-            Some(None) => {
-                self.problem
-                    .get_or_insert_with(|| pass("unknown_column", format!("unknown column {e}")));
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        match self.scope.resolve(e) {
+            Some(Ok((_, c))) if !c.deterministic => self.nondeterministic = true,
+            Some(Ok(_)) | None => {}
+            Some(Err(p)) => {
+                self.problem.get_or_insert(p);
                 return ControlFlow::Break(());
             }
-            None => {}
         }
         ControlFlow::Continue(())
     }
-}
-
-/// The collation an expression derives: an explicit COLLATE, else the first collatable
-/// column it uses.
-fn derive_collation(e: &Expr, table: &TableInfo, qualifiers: &[String]) -> Option<String> {
-    struct Find<'a> {
-        table: &'a TableInfo,
-        qualifiers: &'a [String],
-        found: Option<String>,
-    }
-    impl VisitorMut for Find<'_> {
-        type Break = ();
-        fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-            let found = match e {
-                Expr::Collate { collation, .. } => Some(collation.to_string()),
-                Expr::Identifier(i) => self
-                    .table
-                    .column(&fold(i))
-                    .and_then(|c| c.collation.clone()),
-                Expr::CompoundIdentifier(p)
-                    if p.len() == 2 && self.qualifiers.contains(&fold(&p[0])) =>
-                {
-                    self.table
-                        .column(&fold(&p[1]))
-                        .and_then(|c| c.collation.clone())
-                }
-                _ => None,
-            };
-            if found.is_some() {
-                self.found = found;
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        }
-    }
-    let mut f = Find {
-        table,
-        qualifiers,
-        found: None,
-    };
-    let mut e = e.clone();
-    let _ = e.visit(&mut f);
-    f.found
 }
 
 fn is_aggregate(f: &Function) -> bool {
@@ -385,18 +364,48 @@ fn is_aggregate(f: &Function) -> bool {
             .is_some()
 }
 
+/// True if `e` has an aggregate of its own query level (a subquery's aggregates are the
+/// subquery's).
 fn contains_aggregate(e: &Expr) -> bool {
-    let mut found = false;
-    let _ = sqlparser::ast::visit_expressions(e, |x| {
-        if let Expr::Function(f) = x {
-            if is_aggregate(f) {
-                found = true;
-                return ControlFlow::Break(());
-            }
+    struct Find {
+        depth: usize,
+        found: bool,
+    }
+    impl Visitor for Find {
+        type Break = ();
+        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            self.depth += 1;
+            ControlFlow::Continue(())
         }
-        ControlFlow::Continue(())
-    });
-    found
+        fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            self.depth -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if self.depth == 0 {
+                if let Expr::Function(f) = e {
+                    if is_aggregate(f) {
+                        self.found = true;
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut f = Find {
+        depth: 0,
+        found: false,
+    };
+    let _ = e.visit(&mut f);
+    f.found
+}
+
+fn is_subquery(e: &Expr) -> bool {
+    matches!(
+        e,
+        Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. }
+    )
 }
 
 /// The (folded) aliases of the select list.
@@ -418,16 +427,273 @@ fn item_expr(item: &SelectItem) -> Option<(&Expr, Option<&Ident>)> {
     }
 }
 
-/// Checks columns and builds the fragment query and the merge.
-pub fn analyze(
-    c: &Candidate,
-    table: &TableInfo,
-    min_rows_per_group: u64,
-) -> Result<Shape, PassReason> {
+/// A table occurrence the statement could be split on.
+struct SiteChoice {
+    /// FROM ordinals from the statement down to the table (through derived tables).
+    path: Vec<usize>,
+    site: SplitSite,
+    /// A derived table around it groups: the split must be on this GROUP BY column.
+    required: Option<String>,
+    co_ranges: Vec<CoRange>,
+}
+
+/// The tables on the preserved side of every outer join of `s`, and inside derived tables
+/// whose rows each come from one row (or one complete group) of such a table.
+fn split_sites(
+    s: &Select,
+    scope: &Scope,
+    tables: &TableSet,
+    cfg: &FanoutConfig,
+    path: &[usize],
+    out: &mut Vec<SiteChoice>,
+) -> Result<(), PassReason> {
+    for (i, rel) in scope.relations.iter().enumerate() {
+        if !rel.preserved {
+            continue;
+        }
+        let mut here = path.to_vec();
+        here.push(i);
+        match &rel.source {
+            Source::Table(t) => {
+                let co_ranges = co_ranges(s, scope, i, cfg);
+                let mut co_keys: Vec<String> = Vec::new();
+                for c in &co_ranges {
+                    if !co_keys.contains(&c.split_column) {
+                        co_keys.push(c.split_column.clone());
+                    }
+                }
+                out.push(SiteChoice {
+                    path: here,
+                    site: SplitSite {
+                        table: t.clone(),
+                        qualifier: rel.qualifier.clone(),
+                        filter: s.selection.clone(),
+                        co_keys,
+                    },
+                    required: None,
+                    co_ranges,
+                });
+            }
+            Source::Derived(q) => {
+                let SetExpr::Select(inner) = q.body.as_ref() else {
+                    continue;
+                };
+                if inner.distinct.is_some() {
+                    continue;
+                }
+                let GroupByExpr::Expressions(group_by, _) = &inner.group_by else {
+                    continue;
+                };
+                let grouped = !group_by.is_empty()
+                    || inner.having.is_some()
+                    || inner
+                        .projection
+                        .iter()
+                        .filter_map(item_expr)
+                        .any(|(e, _)| contains_aggregate(e));
+                let inner_scope = Scope::of(inner, tables)?;
+                let mut found = Vec::new();
+                split_sites(inner, &inner_scope, tables, cfg, &here, &mut found)?;
+                for mut f in found {
+                    if grouped {
+                        // complete groups only: a GROUP BY column of a table of this SELECT
+                        if f.path.len() != here.len() + 1 || f.required.is_some() {
+                            continue;
+                        }
+                        let rel = f.path[here.len()];
+                        let Some(col) = group_split_column(&inner_scope, rel, inner, group_by)
+                        else {
+                            continue;
+                        };
+                        f.required = Some(col);
+                    }
+                    out.push(f);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Equalities between a column of relation `split` and an indexed column of another large
+/// table that every result row satisfies (in WHERE or an inner join's ON, with the other
+/// table preserved), or that only the right side of a LEFT JOIN is filtered by (in its ON).
+fn co_ranges(s: &Select, scope: &Scope, split: usize, cfg: &FanoutConfig) -> Vec<CoRange> {
+    let mut out: Vec<CoRange> = Vec::new();
+    for (a, b, place) in from::equalities(s) {
+        let (Some((ra, ca)), Some((rb, cb))) = (scope.column(&a), scope.column(&b)) else {
+            continue;
+        };
+        let (split_col, other, other_col) = if ra == split && rb != split {
+            (ca, rb, cb)
+        } else if rb == split && ra != split {
+            (cb, ra, ca)
+        } else {
+            continue;
+        };
+        let rel = &scope.relations[other];
+        let Source::Table(t) = &rel.source else {
+            continue;
+        };
+        if !other_col.indexed
+            || !split::range_type(other_col.type_oid)
+            || !split::range_type(split_col.type_oid)
+            || t.kind == 'p'
+            || t.blocks < cfg.min_fragment_pages
+        {
+            continue;
+        }
+        let valid = match place {
+            Place::Where => rel.preserved,
+            Place::On(o) => o == other && rel.left_join_on,
+        };
+        if valid
+            && !out
+                .iter()
+                .any(|c| c.qualifier == rel.qualifier && c.column == other_col.name)
+        {
+            out.push(CoRange {
+                split_column: split_col.name.clone(),
+                qualifier: rel.qualifier.clone(),
+                column: other_col.name.clone(),
+                place,
+            });
+        }
+    }
+    out
+}
+
+fn and(left: Option<Expr>, right: Expr) -> Expr {
+    match left {
+        None => right,
+        Some(l) => Expr::BinaryOp {
+            left: Box::new(Expr::Nested(Box::new(l))),
+            op: BinaryOperator::And,
+            right: Box::new(right),
+        },
+    }
+}
+
+/// The statement with markers: the split table's name, its predicate in the WHERE of its
+/// SELECT, and each co-range predicate in that WHERE or in its LEFT JOIN's ON.
+fn mark(q: &Query, choice: &SiteChoice) -> Result<Query, PassReason> {
+    let broken = || pass("unsupported_shape", "split table not found in FROM");
+    let mut m = q.clone();
+    let mut sel: &mut Select = match m.body.as_mut() {
+        SetExpr::Select(s) => s,
+        _ => return Err(broken()),
+    };
+    let (last, outer) = choice.path.split_last().ok_or_else(broken)?;
+    for ordinal in outer {
+        let Some(TableFactor::Derived { subquery, .. }) = from::factor_mut(sel, *ordinal) else {
+            return Err(broken());
+        };
+        sel = match subquery.body.as_mut() {
+            SetExpr::Select(s) => s,
+            _ => return Err(broken()),
+        };
+    }
+    match from::factor_mut(sel, *last) {
+        Some(TableFactor::Table { name, alias, .. }) => {
+            if alias.is_none() {
+                *alias = Some(TableAlias {
+                    explicit: true,
+                    name: Ident::with_quote('"', choice.site.qualifier.clone()),
+                    columns: vec![],
+                    at: None,
+                });
+            }
+            *name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(
+                RELATION_MARKER,
+            ))]);
+        }
+        _ => return Err(broken()),
+    }
+    sel.selection = Some(and(sel.selection.take(), ident(PREDICATE_MARKER)));
+    for (i, c) in choice.co_ranges.iter().enumerate() {
+        let marker = ident(&co_range_marker(i));
+        match c.place {
+            Place::Where => sel.selection = Some(and(sel.selection.take(), marker)),
+            Place::On(o) => {
+                let on = from::join_on_mut(sel, o).ok_or_else(broken)?;
+                *on = and(Some(on.clone()), marker);
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// Checks columns, chooses the table to split and builds the fragment query and the merge.
+pub fn analyze(c: &Candidate, tables: &TableSet, cfg: &FanoutConfig) -> Result<Shape, PassReason> {
     let q = &c.query;
     let SetExpr::Select(s) = q.body.as_ref() else {
         return Err(pass("unsupported_shape", "not a SELECT"));
     };
+    let scope = Scope::of(s, tables)?;
+    let mut sites = Vec::new();
+    split_sites(s, &scope, tables, cfg, &[], &mut sites)?;
+    // the largest table is the one worth splitting
+    let mut choice = None;
+    for site in sites {
+        let better = match &choice {
+            None => true,
+            Some(b) => {
+                let b: &SiteChoice = b;
+                site.site.table.blocks > b.site.table.blocks
+            }
+        };
+        if better {
+            choice = Some(site);
+        }
+    }
+    let choice = choice.ok_or_else(|| {
+        pass(
+            "no_split_table",
+            "no table on the preserved side of every outer join to split",
+        )
+    })?;
+    let marked = mark(q, &choice)?;
+    let mut shape = shape_of(c, &marked, s, &scope, &choice, cfg.min_rows_per_group)?;
+    if shape.split_on.is_none() {
+        shape.split_on = choice.required.clone();
+    }
+    let template = shape.fragment.to_string();
+    let mut markers = vec![RELATION_MARKER.to_string(), PREDICATE_MARKER.to_string()];
+    markers.extend((0..choice.co_ranges.len()).map(co_range_marker));
+    if markers
+        .iter()
+        .any(|m| template.matches(m.as_str()).count() != 1)
+    {
+        return Err(pass(
+            "unsupported_shape",
+            "the statement spells a pgfan marker",
+        ));
+    }
+    Ok(Shape {
+        template,
+        merge: shape.merge,
+        split_on: shape.split_on,
+        site: choice.site,
+        co_ranges: choice.co_ranges,
+    })
+}
+
+/// A fragment query (with markers) and its merge.
+struct FragmentShape {
+    fragment: Query,
+    merge: MergeSpec,
+    split_on: Option<String>,
+}
+
+fn shape_of(
+    c: &Candidate,
+    base: &Query,
+    s: &Select,
+    scope: &Scope,
+    choice: &SiteChoice,
+    min_rows_per_group: u64,
+) -> Result<FragmentShape, PassReason> {
+    let q = &c.query;
     let (limit, offset) = limit_offset(q)?;
     let order: Vec<OrderByExpr> = match &q.order_by {
         Some(ob) => match &ob.kind {
@@ -448,38 +714,29 @@ pub fn analyze(
     };
     let is_position = |e: &Expr| literal_u64(e).is_some();
 
-    // every column reference must be a column of the table (else PostgreSQL's own error)
+    // every column reference must resolve (else PostgreSQL's own error)
     let mut check = ColumnCheck {
-        table,
-        qualifiers: &c.qualifiers,
+        scope,
+        depth: 0,
         problem: None,
         nondeterministic: false,
     };
-    let mut probe = s.as_ref().clone();
-    probe.projection.iter_mut().for_each(|i| {
-        if let Some((e, _)) = item_expr(i) {
-            let mut e = e.clone();
-            let _ = e.visit(&mut check);
-        }
-    });
-    for e in [&mut probe.selection, &mut probe.having]
-        .into_iter()
-        .flatten()
-    {
+    for (e, _) in s.projection.iter().filter_map(item_expr) {
         let _ = e.visit(&mut check);
     }
-    if let GroupByExpr::Expressions(g, _) = &probe.group_by {
+    for e in [&s.selection, &s.having].into_iter().flatten() {
+        let _ = e.visit(&mut check);
+    }
+    if let GroupByExpr::Expressions(g, _) = &s.group_by {
         for e in g {
             if !is_output_alias(e) && !is_position(e) {
-                let mut e = e.clone();
                 let _ = e.visit(&mut check);
             }
         }
     }
     for o in &order {
         if !is_output_alias(&o.expr) && !is_position(&o.expr) {
-            let mut e = o.expr.clone();
-            let _ = e.visit(&mut check);
+            let _ = o.expr.visit(&mut check);
         }
     }
     if let Some(p) = check.problem {
@@ -510,24 +767,35 @@ pub fn analyze(
 
     // Complete groups: when the split is on a GROUP BY column, fragments compute final
     // groups, so any aggregate is exact and nothing is combined. Needed for holistic
-    // aggregates, and cheaper than partial rows when there are many groups.
-    let groups = (!group_by.is_empty())
-        .then(|| estimated_groups(c, table))
-        .flatten();
-    let many_groups = min_rows_per_group > 0
-        && groups.is_some_and(|g| g * min_rows_per_group as f64 > table.reltuples);
-    if c.holistic || many_groups {
-        let column = if distinct {
-            None
-        } else {
-            group_split_column(c, table, s, &group_by)
+    // aggregates (and for subqueries over groups), and cheaper than partial rows when
+    // there are many groups.
+    let split_rel = (choice.path.len() == 1).then(|| choice.path[0]);
+    let groups = match split_rel {
+        Some(r) if !group_by.is_empty() => estimated_groups(s, scope, r),
+        _ => None,
+    };
+    let rows = choice.site.table.reltuples;
+    let many_groups =
+        min_rows_per_group > 0 && groups.is_some_and(|g| g * min_rows_per_group as f64 > rows);
+    let grouped = has_aggs || !group_by.is_empty() || distinct || s.having.is_some();
+    let subquery_over_groups = grouped && subquery_outside_where(s, &order);
+    if c.holistic || many_groups || subquery_over_groups {
+        let column = match split_rel {
+            Some(r) if !distinct => group_split_column(scope, r, s, &group_by),
+            _ => None,
         };
         let Some(column) = column else {
             return Err(if c.holistic {
                 pass(
                     "holistic_aggregate",
                     "DISTINCT, ordered or ordered-set aggregates fan out only with GROUP BY on \
-                     a column with a btree index and a histogram",
+                     a column of the split table with a btree index and a histogram",
+                )
+            } else if subquery_over_groups {
+                pass(
+                    "subquery",
+                    "a subquery over groups fans out only with GROUP BY on a column of the \
+                     split table with a btree index and a histogram",
                 )
             } else {
                 pass(
@@ -536,33 +804,61 @@ pub fn analyze(
                         "about {:.0} groups in {:.0} rows and no indexed GROUP BY column to \
                          split on: fragments would ship nearly every row to the combine",
                         groups.unwrap_or(0.0),
-                        table.reltuples
+                        rows
                     ),
                 )
             });
         };
-        let mut shape = rows_shape(c, table, s, &order, limit, offset)?;
+        if choice.required.as_ref().is_some_and(|r| *r != column) {
+            return Err(pass("unsupported_shape", "two GROUP BY levels to split on"));
+        }
+        let mut shape = rows_shape(base, scope, s, &order, (limit, offset), true)?;
         shape.split_on = Some(column);
         return Ok(shape);
     }
 
-    if has_aggs || !group_by.is_empty() || distinct || s.having.is_some() {
+    if grouped {
         // LIMIT/OFFSET stay in the combine query (groups span fragments)
-        return aggregate_shape(c, table, s, &group_by, &order, distinct);
+        return aggregate_shape(c, base, scope, s, &group_by, &order, distinct);
     }
-    rows_shape(c, table, s, &order, limit, offset)
+    rows_shape(base, scope, s, &order, (limit, offset), false)
+}
+
+/// True if the select list, HAVING or ORDER BY has a subquery: over groups it would run
+/// in the combine, outside the fragments' snapshot.
+fn subquery_outside_where(s: &Select, order: &[OrderByExpr]) -> bool {
+    let mut found = false;
+    let mut look = |e: &Expr| {
+        let _ = sqlparser::ast::visit_expressions(e, |x| {
+            if is_subquery(x) {
+                found = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
+    };
+    for (e, _) in s.projection.iter().filter_map(item_expr) {
+        look(e);
+    }
+    if let Some(h) = &s.having {
+        look(h);
+    }
+    for o in order {
+        look(&o.expr);
+    }
+    found
 }
 
 /// Fragments that return final rows (a scan, or complete groups): concatenated,
 /// merged in order, or cut to the top N.
 fn rows_shape(
-    c: &Candidate,
-    table: &TableInfo,
+    base: &Query,
+    scope: &Scope,
     s: &Select,
     order: &[OrderByExpr],
-    limit: Option<u64>,
-    offset: u64,
-) -> Result<Shape, PassReason> {
+    (limit, offset): (Option<u64>, u64),
+    grouped: bool,
+) -> Result<FragmentShape, PassReason> {
     let is_position = |e: &Expr| literal_u64(e).is_some();
     if s.projection.iter().any(|i| {
         matches!(
@@ -574,25 +870,25 @@ fn rows_shape(
         return Err(pass("unsupported_shape", "ORDER BY position with *"));
     }
     if !order.is_empty() {
-        if let Some((keys, visible)) = mergeable_keys(c, table, s, order)? {
-            return ordered_shape(c, s, order, keys, visible, limit, offset);
+        if let Some((keys, visible)) = mergeable_keys(scope, s, order)? {
+            return ordered_shape(base, s, order, keys, visible, limit, offset);
         }
-        let Some(limit) = limit else {
+        if limit.is_none() && !grouped {
+            // a sort combine holds every row: only for groups, not for a scan
             return Err(pass(
                 "order_key",
                 "ORDER BY without LIMIT on a key pgfan cannot compare (not a plain column of \
                  an integer, float, numeric, date/time, bool, uuid or bytea type, or text under \
                  the C collation)",
             ));
-        };
-        return topn_shape(c, table, s, order, limit, offset);
+        }
+        return topn_shape(base, scope, s, order, limit, offset);
     }
     // plain scan: each fragment returns at most limit + offset rows
-    let mut fragment = c.query.clone();
+    let mut fragment = base.clone();
     fragment.limit_clause = fragment_limit(limit, offset);
-    Ok(Shape {
+    Ok(FragmentShape {
         fragment,
-        filter: s.selection.clone(),
         merge: MergeSpec::Concat { limit, offset },
         split_on: None,
     })
@@ -614,23 +910,29 @@ fn fragment_limit(limit: Option<u64>, offset: u64) -> Option<LimitClause> {
 /// The merge keys of an ORDER BY whose every key is a plain column of a type
 /// [`KeyKind::for_type`] compares, and the number of visible columns; `None` otherwise.
 fn mergeable_keys(
-    c: &Candidate,
-    table: &TableInfo,
+    scope: &Scope,
     s: &Select,
     order: &[OrderByExpr],
 ) -> Result<Option<(Vec<MergeKey>, usize)>, PassReason> {
     let mut visible = 0;
     for item in &s.projection {
-        visible += match item {
-            SelectItem::Wildcard(o)
-            | SelectItem::QualifiedWildcard(SelectItemQualifiedWildcardKind::ObjectName(_), o)
+        let width = match item {
+            SelectItem::Wildcard(o) if plain_wildcard(o) => scope.wildcard_width(None),
+            SelectItem::QualifiedWildcard(SelectItemQualifiedWildcardKind::ObjectName(n), o)
                 if plain_wildcard(o) =>
             {
-                table.columns.len()
+                match n.0.as_slice() {
+                    [ObjectNamePart::Identifier(i)] => scope.wildcard_width(Some(&fold(i))),
+                    _ => None,
+                }
             }
-            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => return Ok(None),
-            _ => 1,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => None,
+            _ => Some(1),
         };
+        let Some(width) = width else {
+            return Ok(None);
+        };
+        visible += width;
     }
     let mut keys = Vec::with_capacity(order.len());
     for o in order {
@@ -639,14 +941,7 @@ fn mergeable_keys(
             Expr::Collate { expr, collation } => (strip_nested(expr), Some(collation.to_string())),
             e => (e, None),
         };
-        let column = match column {
-            Expr::Identifier(i) => table.column(&fold(i)),
-            Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
-                table.column(&fold(&p[1]))
-            }
-            _ => None,
-        };
-        let Some(column) = column else {
+        let Some((_, column)) = scope.column(column) else {
             return Ok(None);
         };
         let collation = collation.or_else(|| column.collation.clone());
@@ -684,15 +979,15 @@ fn strip_nested(e: &Expr) -> &Expr {
 /// Fragments keep the ORDER BY, return at most limit + offset rows, and append each
 /// key as a hidden column; the merge interleaves them k-way.
 fn ordered_shape(
-    c: &Candidate,
+    base: &Query,
     s: &Select,
     order: &[OrderByExpr],
     keys: Vec<MergeKey>,
     visible: usize,
     limit: Option<u64>,
     offset: u64,
-) -> Result<Shape, PassReason> {
-    let mut fragment = c.query.clone();
+) -> Result<FragmentShape, PassReason> {
+    let mut fragment = base.clone();
     let SetExpr::Select(fs) = fragment.body.as_mut() else {
         return Err(pass("unsupported_shape", "not a SELECT"));
     };
@@ -704,9 +999,8 @@ fn ordered_shape(
         });
     }
     fragment.limit_clause = fragment_limit(limit, offset);
-    Ok(Shape {
+    Ok(FragmentShape {
         fragment,
-        filter: s.selection.clone(),
         merge: MergeSpec::Ordered {
             keys,
             visible,
@@ -718,14 +1012,14 @@ fn ordered_shape(
 }
 
 fn topn_shape(
-    c: &Candidate,
-    table: &TableInfo,
+    base: &Query,
+    scope: &Scope,
     s: &Select,
     order: &[OrderByExpr],
-    limit: u64,
+    limit: Option<u64>,
     offset: u64,
-) -> Result<Shape, PassReason> {
-    let mut fragment = c.query.clone();
+) -> Result<FragmentShape, PassReason> {
+    let mut fragment = base.clone();
     let mut keys = Vec::new();
     let SetExpr::Select(fs) = fragment.body.as_mut() else {
         return Err(pass("unsupported_shape", "not a SELECT"));
@@ -733,7 +1027,7 @@ fn topn_shape(
     for (i, o) in order.iter().enumerate() {
         let expr = resolve_output_ref(&o.expr, s)?.unwrap_or_else(|| o.expr.clone());
         keys.push(SortKey {
-            collation: derive_collation(&expr, table, &c.qualifiers),
+            collation: scope.collation(&expr),
             options: o.options.to_string(),
         });
         fs.projection.push(SelectItem::ExprWithAlias {
@@ -741,10 +1035,9 @@ fn topn_shape(
             alias: Ident::new(format!("pgfan_h{i}")),
         });
     }
-    fragment.limit_clause = fragment_limit(Some(limit), offset);
-    Ok(Shape {
+    fragment.limit_clause = fragment_limit(limit, offset);
+    Ok(FragmentShape {
         fragment,
-        filter: s.selection.clone(),
         merge: MergeSpec::Combine(CombineSpec::TopN {
             keys,
             limit,
@@ -758,31 +1051,28 @@ fn topn_shape(
 /// index, histogram, integer/numeric/date/time type): splitting on it keeps every group
 /// within one fragment.
 fn group_split_column(
-    c: &Candidate,
-    table: &TableInfo,
+    scope: &Scope,
+    split: usize,
     s: &Select,
     group_by: &[Expr],
 ) -> Option<String> {
     group_by.iter().find_map(|k| {
-        let col = group_column(c, table, s, k)?;
-        (col.indexed && col.histogram.len() >= 3 && super::split::range_type(col.type_oid))
+        let col = group_column(scope, split, s, k)?;
+        (col.indexed && col.histogram.len() >= 3 && split::range_type(col.type_oid))
             .then(|| col.name.clone())
     })
 }
 
-/// The table column a GROUP BY key names: an input column first, an output alias or
-/// position second (PostgreSQL's order).
-fn group_column<'t>(
-    c: &Candidate,
-    table: &'t TableInfo,
+/// The column of relation `split` a GROUP BY key names: an input column first, an output
+/// alias or position second (PostgreSQL's order).
+fn group_column<'s>(
+    scope: &'s Scope,
+    split: usize,
     s: &Select,
     key: &Expr,
-) -> Option<&'t ColumnInfo> {
-    let column = |e: &Expr| match strip_nested(e) {
-        Expr::Identifier(i) => table.column(&fold(i)),
-        Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
-            table.column(&fold(&p[1]))
-        }
+) -> Option<&'s ColumnInfo> {
+    let column = |e: &Expr| match scope.column(strip_nested(e)) {
+        Some((r, c)) if r == split => Some(c),
         _ => None,
     };
     match column(key) {
@@ -791,14 +1081,14 @@ fn group_column<'t>(
     }
 }
 
-/// The number of groups a GROUP BY over plain columns makes, estimated from
-/// `pg_stats.n_distinct` (a NULL key counts as one more group); `None` without a GROUP
-/// BY, for expression keys or without statistics.
-pub fn estimated_groups(c: &Candidate, table: &TableInfo) -> Option<f64> {
-    let SetExpr::Select(s) = c.query.body.as_ref() else {
+/// The number of groups a GROUP BY over plain columns of relation `split` makes, estimated
+/// from `pg_stats.n_distinct` (a NULL key counts as one more group); `None` without a
+/// GROUP BY, for other keys or without statistics.
+fn estimated_groups(s: &Select, scope: &Scope, split: usize) -> Option<f64> {
+    let GroupByExpr::Expressions(keys, _) = &s.group_by else {
         return None;
     };
-    let GroupByExpr::Expressions(keys, _) = &s.group_by else {
+    let Source::Table(table) = &scope.relations.get(split)?.source else {
         return None;
     };
     let rows = table.reltuples;
@@ -807,7 +1097,7 @@ pub fn estimated_groups(c: &Candidate, table: &TableInfo) -> Option<f64> {
     }
     let mut groups = 1.0f64;
     for k in keys {
-        let col = group_column(c, table, s, k)?;
+        let col = group_column(scope, split, s, k)?;
         let distinct = match col.n_distinct {
             d if d > 0.0 => d,
             d if d < 0.0 => -d * rows,
@@ -845,8 +1135,7 @@ fn resolve_output_ref(e: &Expr, s: &Select) -> Result<Option<Expr>, PassReason> 
 /// Replaces group keys and aggregates in final expressions.
 struct FinalRewrite<'a> {
     keys: &'a [Expr],
-    table: &'a TableInfo,
-    qualifiers: &'a [String],
+    scope: &'a Scope,
     partials: Vec<Expr>,
     aggs: Vec<AggPartial>,
     seen: Vec<(Function, usize)>,
@@ -895,9 +1184,7 @@ impl FinalRewrite<'_> {
         };
         let a = arg.clone();
         let first = self.partials.len();
-        let collation = a
-            .as_ref()
-            .and_then(|e| derive_collation(e, self.table, self.qualifiers));
+        let collation = a.as_ref().and_then(|e| self.scope.collation(e));
         match kind {
             AggKind::Count => self.partials.push(call("count", a)),
             AggKind::Sum => self.partials.push(call("sum", a)),
@@ -945,6 +1232,11 @@ impl VisitorMut for FinalRewrite<'_> {
             return ControlFlow::Continue(());
         }
         match e {
+            e if is_subquery(e) => {
+                self.problem
+                    .get_or_insert_with(|| pass("subquery", "subquery over groups"));
+                return ControlFlow::Break(());
+            }
             Expr::Function(f) if is_aggregate(f) => match self.add_aggregate(f) {
                 Ok(i) => *e = marker_fn(format!("pgfan_agg_{i}")),
                 Err(p) => {
@@ -969,19 +1261,20 @@ impl VisitorMut for FinalRewrite<'_> {
 
 fn aggregate_shape(
     c: &Candidate,
-    table: &TableInfo,
+    base: &Query,
+    scope: &Scope,
     s: &Select,
     group_by: &[Expr],
     order: &[OrderByExpr],
     distinct: bool,
-) -> Result<Shape, PassReason> {
+) -> Result<FragmentShape, PassReason> {
     let has_wildcard = s.projection.iter().any(|i| item_expr(i).is_none());
     if has_wildcard {
         return Err(pass("unsupported_shape", "* with GROUP BY or DISTINCT"));
     }
     let mut keys: Vec<Expr> = Vec::new();
     for g in group_by {
-        let is_column = matches!(g, Expr::Identifier(i) if table.column(&fold(i)).is_some());
+        let is_column = matches!(g, Expr::Identifier(_)) && scope.column(g).is_some();
         let k = if is_column {
             g.clone()
         } else {
@@ -1008,14 +1301,10 @@ fn aggregate_shape(
             }
         }
     }
-    let key_collations = keys
-        .iter()
-        .map(|k| derive_collation(k, table, &c.qualifiers))
-        .collect();
+    let key_collations = keys.iter().map(|k| scope.collation(k)).collect();
     let mut rw = FinalRewrite {
         keys: &keys,
-        table,
-        qualifiers: &c.qualifiers,
+        scope,
         partials: vec![],
         aggs: vec![],
         seen: vec![],
@@ -1025,14 +1314,14 @@ fn aggregate_shape(
     for item in projection.iter_mut() {
         match item {
             SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-                let _ = e.visit(&mut rw);
+                let _ = VisitMut::visit(e, &mut rw);
             }
             _ => {}
         }
     }
     let mut having = s.having.clone();
     if let Some(h) = having.as_mut() {
-        let _ = h.visit(&mut rw);
+        let _ = VisitMut::visit(h, &mut rw);
     }
     let aliases = output_aliases(s);
     let mut final_order = order.to_vec();
@@ -1041,14 +1330,14 @@ fn aggregate_shape(
         if is_alias || literal_u64(&o.expr).is_some() {
             continue;
         }
-        let _ = o.expr.visit(&mut rw);
+        let _ = VisitMut::visit(&mut o.expr, &mut rw);
     }
     if let Some(p) = rw.problem {
         return Err(p);
     }
 
     // fragment: keys, then partial aggregates, grouped by the keys
-    let mut fragment = c.query.clone();
+    let mut fragment = base.clone();
     fragment.order_by = None;
     fragment.limit_clause = None;
     let SetExpr::Select(fs) = fragment.body.as_mut() else {
@@ -1091,8 +1380,8 @@ fn aggregate_shape(
             .collect(),
         vec![],
     );
-    if let Some(twj) = cs.from.first_mut() {
-        twj.relation = TableFactor::Table {
+    cs.from = vec![TableWithJoins {
+        relation: TableFactor::Table {
             name: ObjectName(vec![ObjectNamePart::Identifier(Ident::new("pgfan_src"))]),
             alias: None,
             args: None,
@@ -1103,11 +1392,11 @@ fn aggregate_shape(
             json_path: None,
             sample: None,
             index_hints: vec![],
-        };
-    }
-    Ok(Shape {
+        },
+        joins: vec![],
+    }];
+    Ok(FragmentShape {
         fragment,
-        filter: s.selection.clone(),
         merge: MergeSpec::Combine(CombineSpec::Aggregate {
             keys: key_collations,
             aggs: rw.aggs,
@@ -1213,6 +1502,7 @@ impl CombineSpec {
                     })
                     .collect::<Vec<_>>()
                     .join(", ");
+                let limit = limit.map_or("ALL".to_string(), |l| l.to_string());
                 Ok(format!(
                     "SELECT {select} FROM unnest({unnest_args}) AS u({cols}) ORDER BY {order} LIMIT {limit} OFFSET {offset}"
                 ))

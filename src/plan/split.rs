@@ -1,15 +1,38 @@
 //! How a table is cut into fragments: ctid block ranges (TID Range Scan), or ranges of an
 //! indexed column cut equal-depth from `pg_stats.histogram_bounds`.
 
+use std::sync::Arc;
+
 use sqlparser::ast::{BinaryOperator, Expr, Value};
 
-use super::{fold, quote_ident, Candidate, PassReason, TableInfo};
+use super::{fold, quote_ident, PassReason, TableInfo};
 use crate::config::FanoutConfig;
 use crate::plan::catalog::quote_literal;
+
+/// The table occurrence a statement is split on.
+#[derive(Debug, Clone)]
+pub struct SplitSite {
+    /// The table.
+    pub table: Arc<TableInfo>,
+    /// The name its columns are qualified with in the fragment SQL.
+    pub qualifier: String,
+    /// The WHERE clause of the SELECT it is in: bounds on its columns narrow an index split.
+    pub filter: Option<Expr>,
+    /// Its columns equi-joined to an indexed column of another large table: an index
+    /// split on one of them reads both tables in the same key ranges.
+    pub co_keys: Vec<String>,
+}
 
 /// How the split table is cut.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SplitStrategy {
+    /// Partition-wise: each fragment reads some partitions of a partitioned table directly.
+    Partitions {
+        /// The partitions of each fragment.
+        groups: Vec<Vec<String>>,
+        /// The partitioned table's columns (quoted), in order.
+        columns: Vec<String>,
+    },
     /// Heap block ranges `[starts[i], starts[i+1])`; the last range is open-ended.
     Ctid {
         /// First block of each fragment.
@@ -34,6 +57,7 @@ impl SplitStrategy {
     /// `ctid`, `index range on <col>` or `configured column <col>`, for EXPLAIN FANOUT.
     pub fn describe(&self) -> String {
         match self {
+            SplitStrategy::Partitions { .. } => "partitions".into(),
             SplitStrategy::Ctid { .. } => "ctid".into(),
             SplitStrategy::IndexRange {
                 column,
@@ -44,13 +68,54 @@ impl SplitStrategy {
         }
     }
 
-    /// The predicate of each fragment.
-    pub fn predicates(&self) -> Vec<String> {
+    /// What each fragment reads in place of the split table: the table itself, or its
+    /// partitions (always through a column list: a partition's columns may be in another
+    /// order than its parent's).
+    pub fn relations(&self, table: &TableInfo) -> Vec<String> {
         match self {
+            SplitStrategy::Partitions { groups, columns } => {
+                let list = columns.join(", ");
+                groups
+                    .iter()
+                    .map(|g| {
+                        let selects: Vec<String> = g
+                            .iter()
+                            .map(|p| format!("SELECT {list} FROM {p}"))
+                            .collect();
+                        format!("({})", selects.join(" UNION ALL "))
+                    })
+                    .collect()
+            }
+            _ => vec![table.qualified.clone(); self.len()],
+        }
+    }
+
+    /// The number of fragments.
+    pub fn len(&self) -> usize {
+        match self {
+            SplitStrategy::Partitions { groups, .. } => groups.len(),
+            SplitStrategy::Ctid { starts } => starts.len(),
+            SplitStrategy::IndexRange { cuts, .. } => cuts.len() + 1,
+        }
+    }
+
+    /// True when there are no fragments (never, for a chosen split).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The predicate of each fragment on the split table, qualified with `qualifier`
+    /// (empty: no predicate).
+    pub fn predicates(&self, qualifier: &str) -> Vec<String> {
+        let q = quote_ident(qualifier);
+        match self {
+            SplitStrategy::Partitions { groups, .. } => vec![String::new(); groups.len()],
             SplitStrategy::Ctid { starts } => (0..starts.len())
                 .map(|i| {
-                    let lo = (i > 0).then(|| format!("ctid >= '({},0)'::tid", starts[i]));
-                    let hi = starts.get(i + 1).map(|b| format!("ctid < '({b},0)'::tid"));
+                    let lo = (i > 0).then(|| format!("{q}.ctid >= '({},0)'::tid", starts[i]));
+                    let hi = starts
+                        .get(i + 1)
+                        .map(|b| format!("{q}.ctid < '({b},0)'::tid"));
                     match (lo, hi) {
                         (Some(l), Some(h)) => format!("{l} AND {h}"),
                         (Some(l), None) => l,
@@ -66,7 +131,7 @@ impl SplitStrategy {
                 nulls,
                 ..
             } => {
-                let col = quote_ident(column);
+                let col = format!("{q}.{}", quote_ident(column));
                 let v = |s: &str| format!("{}::{type_name}", quote_literal(s));
                 (0..=cuts.len())
                     .map(|i| {
@@ -83,6 +148,46 @@ impl SplitStrategy {
                     .collect()
             }
         }
+    }
+}
+
+impl SplitStrategy {
+    /// For an index-range split on `split_column`: the same ranges on `qualifier.column`
+    /// of a table equi-joined to it (NULLs never join); `None` for other splits.
+    pub fn co_predicates(
+        &self,
+        split_column: &str,
+        qualifier: &str,
+        column: &str,
+    ) -> Option<Vec<String>> {
+        let SplitStrategy::IndexRange {
+            column: split,
+            type_name,
+            cuts,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        if split != split_column {
+            return None;
+        }
+        let col = format!("{}.{}", quote_ident(qualifier), quote_ident(column));
+        let v = |s: &str| format!("{}::{type_name}", quote_literal(s));
+        Some(
+            (0..=cuts.len())
+                .map(|i| {
+                    let lo = (i > 0).then(|| format!("{col} >= {}", v(&cuts[i - 1])));
+                    let hi = cuts.get(i).map(|c| format!("{col} < {}", v(c)));
+                    match (lo, hi) {
+                        (Some(l), Some(h)) => format!("{l} AND {h}"),
+                        (Some(l), None) => l,
+                        (None, Some(h)) => h,
+                        (None, None) => String::new(),
+                    }
+                })
+                .collect(),
+        )
     }
 }
 
@@ -133,10 +238,10 @@ fn is_param(e: &Expr) -> bool {
     }
 }
 
-fn column_of(e: &Expr, c: &Candidate) -> Option<String> {
+fn column_of(e: &Expr, c: &SplitSite) -> Option<String> {
     match e {
-        Expr::Identifier(i) => Some(fold(i)),
-        Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifiers.contains(&fold(&p[0])) => {
+        Expr::Identifier(i) => Some(fold(i)).filter(|n| c.table.column(n).is_some()),
+        Expr::CompoundIdentifier(p) if p.len() == 2 && c.qualifier == fold(&p[0]) => {
             Some(fold(&p[1]))
         }
         Expr::Nested(e) => column_of(e, c),
@@ -148,7 +253,7 @@ fn column_of(e: &Expr, c: &Candidate) -> Option<String> {
 /// Returns the bounds and the columns compared for equality.
 fn bounds(
     e: &Expr,
-    c: &Candidate,
+    c: &SplitSite,
     out: &mut Vec<Bound>,
     points: &mut Vec<(String, Option<String>)>,
 ) {
@@ -203,16 +308,18 @@ fn bounds(
     }
 }
 
-/// Chooses the split for a candidate, or passes it through (too small, point lookup, no
-/// free slots). `required`: the column the split must be on (a GROUP BY column whose
-/// groups must each stay within one fragment), within the WHERE clause's bounds on it.
+/// Chooses the split of a site, or passes it through (too small, point lookup, no free
+/// slots). `required`: the column the split must be on (a GROUP BY column whose groups
+/// must each stay within one fragment), within the WHERE clause's bounds on it. Without
+/// one, the order of preference: a co-range key, a column the WHERE bounds, the
+/// configured column, heap blocks.
 pub fn choose(
-    c: &Candidate,
-    table: &TableInfo,
+    c: &SplitSite,
     cfg: &FanoutConfig,
     slots: usize,
     required: Option<&str>,
 ) -> Result<SplitStrategy, PassReason> {
+    let table = c.table.as_ref();
     let limit = cfg.max_fragments.min(slots);
     let by_size = |pages: u64| (pages / cfg.min_fragment_pages.max(1)) as usize;
     if limit < 2 {
@@ -223,10 +330,17 @@ pub fn choose(
     }
     let mut found = Vec::new();
     let mut points = Vec::new();
-    if let sqlparser::ast::SetExpr::Select(s) = c.query.body.as_ref() {
-        if let Some(w) = &s.selection {
-            bounds(w, c, &mut found, &mut points);
+    if let Some(w) = &c.filter {
+        bounds(w, c, &mut found, &mut points);
+    }
+    if table.kind == 'p' {
+        if required.is_some() {
+            return Err(PassReason::new(
+                "partitioned",
+                "complete groups on a partitioned table (split partition-wise only)",
+            ));
         }
+        return partition_split(table, limit, by_size);
     }
     for (p, value) in &points {
         let Some(col) = table.column(p).filter(|c| c.indexed) else {
@@ -252,6 +366,25 @@ pub fn choose(
             }
         }
         return index_split(table, info, lo, hi, limit, by_size, false);
+    }
+    // a co-range key: both tables read in the same key ranges
+    for key in &c.co_keys {
+        let Some(info) = table.column(key) else {
+            continue;
+        };
+        if !info.indexed || !range_type(info.type_oid) || info.histogram.len() < 3 {
+            continue;
+        }
+        let (mut lo, mut hi) = (None, None);
+        for (col, l, h) in &found {
+            if col == key {
+                lo = l.clone().or(lo);
+                hi = h.clone().or(hi);
+            }
+        }
+        if let Ok(split) = index_split(table, info, lo, hi, limit, by_size, false) {
+            return Ok(split);
+        }
     }
     // merge bounds per indexed column of a range type
     let mut best: Option<(String, Option<String>, Option<String>)> = None;
@@ -316,6 +449,50 @@ pub fn choose(
     let per = table.blocks.div_ceil(n as u64);
     Ok(SplitStrategy::Ctid {
         starts: (0..n as u64).map(|i| i * per).collect(),
+    })
+}
+
+/// Partition-wise: the direct partitions dealt largest first to the emptiest of up to
+/// `limit` fragments. PostgreSQL prunes: fragments run with `constraint_exclusion = on`,
+/// so a partition the WHERE excludes plans as an empty result.
+fn partition_split(
+    table: &TableInfo,
+    limit: usize,
+    by_size: impl Fn(u64) -> usize,
+) -> Result<SplitStrategy, PassReason> {
+    if let Some(p) = table
+        .partitions
+        .iter()
+        .find(|p| !matches!(p.kind, 'r' | 'p'))
+    {
+        return Err(PassReason::new(
+            "partitioned",
+            format!("partition {} is not a table", p.qualified),
+        ));
+    }
+    let n = limit.min(table.partitions.len()).min(by_size(table.blocks));
+    if n < 2 {
+        return Err(PassReason::new(
+            "small_table",
+            format!(
+                "partitioned table with {} partitions and {} pages: too few to split",
+                table.partitions.len(),
+                table.blocks
+            ),
+        ));
+    }
+    let mut order: Vec<&super::catalog::PartitionInfo> = table.partitions.iter().collect();
+    order.sort_by(|a, b| b.blocks.cmp(&a.blocks));
+    let mut groups: Vec<(u64, Vec<String>)> = vec![(0, Vec::new()); n];
+    for p in order {
+        if let Some(g) = groups.iter_mut().min_by_key(|g| g.0) {
+            g.0 += p.blocks.max(1);
+            g.1.push(p.qualified.clone());
+        }
+    }
+    Ok(SplitStrategy::Partitions {
+        groups: groups.into_iter().map(|g| g.1).collect(),
+        columns: table.columns.iter().map(|c| quote_ident(&c.name)).collect(),
     })
 }
 

@@ -18,7 +18,9 @@ use crate::config::Config;
 use crate::dispatch::{self, FragmentEvent, FragmentJob};
 use crate::merge::ordered::OrderedMerge;
 use crate::merge::{row_description_types, Concat, ConcatStep, PartialRows};
-use crate::plan::{self, CatalogCache, CombineSpec, MergeSpec, Route, TableInfo};
+use crate::plan::{
+    self, CatalogCache, CombineSpec, MergeSpec, Route, SplitStrategy, TableInfo, TableSet,
+};
 use crate::protocol::{self, BindParams};
 
 /// Partial rows beyond this many bytes make a combine fall back to pass-through.
@@ -83,7 +85,8 @@ struct Probe {
     row_description: Option<BytesMut>,
     clean: bool,
     isolation: String,
-    oid: u32,
+    /// The OID each table name resolves to in the session (0: none).
+    oids: Vec<u32>,
     snapshot: String,
     /// The primary's WAL position when the snapshot was taken.
     lsn: Option<u64>,
@@ -401,6 +404,39 @@ async fn table_info(
     Ok(info)
 }
 
+/// The catalog entries of every table the candidate names; `Ok(None)` when one does not
+/// exist (PostgreSQL then gives its own error).
+async fn table_set(
+    env: &FanoutEnv,
+    login: &LoginKey,
+    candidate: &plan::Candidate,
+) -> Result<Option<TableSet>, String> {
+    let mut entries = Vec::with_capacity(candidate.relations.len());
+    for name in &candidate.relations {
+        match table_info(env, login, name).await? {
+            Some(t) => entries.push((name.clone(), t)),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(TableSet::new(entries)))
+}
+
+/// The catalog entries of every table the candidate names, from the cache only.
+fn cached_table_set(
+    env: &FanoutEnv,
+    login: &LoginKey,
+    candidate: &plan::Candidate,
+) -> Option<Option<TableSet>> {
+    let mut entries = Vec::with_capacity(candidate.relations.len());
+    for name in &candidate.relations {
+        match env.catalog.get(&login.1, name)? {
+            Some(t) => entries.push((name.clone(), t)),
+            None => return Some(None),
+        }
+    }
+    Some(Some(TableSet::new(entries)))
+}
+
 /// The plan with the backends each fragment would run on.
 pub async fn route_for(
     env: &FanoutEnv,
@@ -414,8 +450,8 @@ pub async fn route_for(
             vec![],
         );
     }
-    match table_info(env, login, &candidate.table).await {
-        Ok(table) => route_with(env, status, candidate, table.as_ref()),
+    match table_set(env, login, candidate).await {
+        Ok(tables) => route_with(env, status, candidate, tables.as_ref()),
         Err(e) => (
             Route::PassThrough(plan::PassReason::new("catalog", format!("catalog: {e}"))),
             vec![],
@@ -436,17 +472,17 @@ pub fn cached_route(
             "fan-out is disabled",
         )));
     }
-    let table = env.catalog.get(&login.1, &candidate.table)?;
-    Some(route_with(env, status, candidate, table.as_ref()).0)
+    let tables = cached_table_set(env, login, candidate)?;
+    Some(route_with(env, status, candidate, tables.as_ref()).0)
 }
 
 fn route_with(
     env: &FanoutEnv,
     status: u8,
     candidate: &plan::Candidate,
-    table: Option<&Arc<TableInfo>>,
+    tables: Option<&TableSet>,
 ) -> (Route, Vec<usize>) {
-    let Some(table) = table else {
+    let Some(tables) = tables else {
         return (
             Route::PassThrough(plan::PassReason::new("unknown_table", "no such table")),
             vec![],
@@ -464,7 +500,7 @@ fn route_with(
         .iter()
         .map(|i| env.pools.backends[*i].capacity())
         .sum();
-    let route = plan::plan_shared(candidate, table, &env.config.fanout, slots);
+    let route = plan::plan_shared(candidate, tables, &env.config.fanout, slots);
     let n = match &route {
         Route::FanOut(p) => p.fragments.len(),
         Route::PassThrough(_) => 0,
@@ -490,6 +526,9 @@ pub fn explain_lines(env: &FanoutEnv, route: &Route, assignment: &[usize]) -> Ve
                     .map(|b| env.pools.backends[*b].config.name.as_str())
                     .unwrap_or("?");
                 lines.push(format!("  Fragment {} on {backend}: {sql}", i + 1));
+            }
+            for c in &p.co_ranges {
+                lines.push(format!("  Co-range: {c}"));
             }
             lines.push(format!("  {}", p.merge.describe()));
             lines
@@ -590,7 +629,7 @@ where
     };
 
     // probe the session: row description (simple protocol), snapshot, settings
-    let probe = probe(pinned, client, simple, sql, &candidate.table).await?;
+    let probe = probe(pinned, client, simple, sql, &candidate.relations).await?;
     let probe = match probe {
         Ok(p) => p,
         Err(error) => {
@@ -622,21 +661,21 @@ where
             "serializable",
             "SERIALIZABLE transaction",
         ))
-    } else if probe.oid == 0 {
+    } else if probe.oids.contains(&0) {
         Some(plan::PassReason::new(
             "unknown_table",
             "no such table in this session",
         ))
-    } else if env
-        .catalog
-        .get(&login.1, &candidate.table)
-        .flatten()
-        .map(|t| t.oid)
-        != Some(probe.oid)
+    } else if candidate
+        .relations
+        .iter()
+        .map(|r| env.catalog.get(&login.1, r).flatten().map(|t| t.oid))
+        .collect::<Option<Vec<u32>>>()
+        != Some(probe.oids.clone())
     {
         Some(plan::PassReason::new(
             "search_path",
-            "the table name resolves differently in this session",
+            "a table name resolves differently in this session",
         ))
     } else {
         None
@@ -648,7 +687,7 @@ where
         return Ok(passthrough(session_id, query_id, &reason));
     }
 
-    let sets: Vec<String> = probe
+    let mut sets: Vec<String> = probe
         .settings
         .iter()
         .map(|(k, v)| {
@@ -659,6 +698,11 @@ where
             )
         })
         .collect();
+    if matches!(plan.split, SplitStrategy::Partitions { .. }) {
+        // a fragment reads partitions directly: PostgreSQL skips one the WHERE excludes
+        // only with constraint exclusion on
+        sets.push("set_config('constraint_exclusion', 'on', true)".into());
+    }
     let setup_for = |snapshot: &str| {
         format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; SELECT {}",
@@ -1210,7 +1254,7 @@ async fn probe<R, W, C>(
     client: &mut C,
     simple: bool,
     sql: &str,
-    table: &str,
+    tables: &[String],
 ) -> Result<Result<Probe, BytesMut>, Fail>
 where
     R: AsyncRead + Unpin,
@@ -1224,8 +1268,15 @@ where
         .join(", ");
     let probe_sql = format!(
         "SELECT pg_current_xact_id_if_assigned() IS NULL, current_setting('transaction_isolation'), \
-         coalesce(to_regclass({})::oid, 0), pg_export_snapshot(), pg_current_wal_lsn()::text, {settings}",
-        plan::catalog::quote_literal(table)
+         ARRAY[{}]::oid[]::text, pg_export_snapshot(), pg_current_wal_lsn()::text, {settings}",
+        tables
+            .iter()
+            .map(|t| format!(
+                "coalesce(to_regclass({})::oid, 0)",
+                plan::catalog::quote_literal(t)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let mut m = BytesMut::new();
     let mut expected_closes = 4;
@@ -1278,7 +1329,12 @@ where
         row_description,
         clean: text(0) == "t",
         isolation: text(1),
-        oid: text(2).parse().unwrap_or(0),
+        oids: text(2)
+            .trim_matches(['{', '}'])
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap_or(0))
+            .collect(),
         snapshot: text(3),
         lsn: parse_lsn(&text(4)),
         settings: SETTINGS
