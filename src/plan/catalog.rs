@@ -156,8 +156,8 @@ pub async fn load_table(
         let parts = conn
             .simple_query(&format!(
                 "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind, \
-                 (SELECT coalesce(sum(pg_relation_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t) \
-                 / current_setting('block_size')::int, \
+                 ((SELECT coalesce(sum(pg_relation_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t) \
+                 / current_setting('block_size')::int)::bigint, \
                  (SELECT coalesce(sum(greatest(x.reltuples, 0)), 0) FROM pg_partition_tree(c.oid) t \
                  JOIN pg_class x ON x.oid = t.relid WHERE t.isleaf) \
                  FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \

@@ -333,15 +333,6 @@ pub fn choose(
     if let Some(w) = &c.filter {
         bounds(w, c, &mut found, &mut points);
     }
-    if table.kind == 'p' {
-        if required.is_some() {
-            return Err(PassReason::new(
-                "partitioned",
-                "complete groups on a partitioned table (split partition-wise only)",
-            ));
-        }
-        return partition_split(table, limit, by_size);
-    }
     for (p, value) in &points {
         let Some(col) = table.column(p).filter(|c| c.indexed) else {
             continue;
@@ -353,6 +344,15 @@ pub fn choose(
                 format!("equality on indexed column {p} matches about {pages} pages"),
             ));
         }
+    }
+    if table.kind == 'p' {
+        if required.is_some() {
+            return Err(PassReason::new(
+                "partitioned",
+                "complete groups on a partitioned table (split partition-wise only)",
+            ));
+        }
+        return partition_split(table, limit, by_size);
     }
     if let Some(col) = required {
         let info = table
