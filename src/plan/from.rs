@@ -95,6 +95,31 @@ pub enum Place {
     Where,
     /// The ON of the join whose right side is the relation with this ordinal.
     On(usize),
+    /// The WHERE of the subquery of the n-th `x IN (subquery)` conjunct of the WHERE.
+    InSubquery(usize),
+}
+
+/// Calls `f` with the left side and the subquery of each top-level AND conjunct of `e`
+/// that is `x IN (subquery)` (not negated: NOT IN sees NULLs a filter would remove), in
+/// order.
+pub fn in_subqueries(e: &mut Expr, f: &mut impl FnMut(&Expr, &mut Query)) {
+    match e {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            in_subqueries(left, f);
+            in_subqueries(right, f);
+        }
+        Expr::Nested(inner) => in_subqueries(inner, f),
+        Expr::InSubquery {
+            expr,
+            subquery,
+            negated: false,
+        } => f(expr, subquery),
+        _ => {}
+    }
 }
 
 impl Scope {

@@ -455,7 +455,7 @@ fn split_sites(
         here.push(i);
         match &rel.source {
             Source::Table(t) => {
-                let co_ranges = co_ranges(s, scope, i, cfg);
+                let co_ranges = co_ranges(s, scope, i, tables, cfg);
                 let mut co_keys: Vec<String> = Vec::new();
                 for c in &co_ranges {
                     if !co_keys.contains(&c.split_column) {
@@ -518,7 +518,13 @@ fn split_sites(
 /// Equalities between a column of relation `split` and an indexed column of another large
 /// table that every result row satisfies (in WHERE or an inner join's ON, with the other
 /// table preserved), or that only the right side of a LEFT JOIN is filtered by (in its ON).
-fn co_ranges(s: &Select, scope: &Scope, split: usize, cfg: &FanoutConfig) -> Vec<CoRange> {
+fn co_ranges(
+    s: &Select,
+    scope: &Scope,
+    split: usize,
+    tables: &TableSet,
+    cfg: &FanoutConfig,
+) -> Vec<CoRange> {
     let mut out: Vec<CoRange> = Vec::new();
     for (a, b, place) in from::equalities(s) {
         let (Some((ra, ca)), Some((rb, cb))) = (scope.column(&a), scope.column(&b)) else {
@@ -546,6 +552,7 @@ fn co_ranges(s: &Select, scope: &Scope, split: usize, cfg: &FanoutConfig) -> Vec
         let valid = match place {
             Place::Where => rel.preserved,
             Place::On(o) => o == other && rel.left_join_on,
+            Place::InSubquery(_) => false,
         };
         if valid
             && !out
@@ -560,7 +567,75 @@ fn co_ranges(s: &Select, scope: &Scope, split: usize, cfg: &FanoutConfig) -> Vec
             });
         }
     }
+    // `x IN (SELECT y FROM t …)` with x in the split's key range (the split column or a
+    // co-ranged one): only y values in that range can match, so the subquery reads that
+    // range too (rows, or whole groups when it groups by y)
+    let mut found = Vec::new();
+    let mut n = 0;
+    if let Some(mut w) = s.selection.clone() {
+        from::in_subqueries(&mut w, &mut |x, sub| {
+            let here = n;
+            n += 1;
+            let Some((r, col)) = scope.column(x) else {
+                return;
+            };
+            let split_column = if r == split {
+                col.name.clone()
+            } else {
+                match out
+                    .iter()
+                    .find(|c| c.qualifier == scope.relations[r].qualifier && c.column == col.name)
+                {
+                    Some(c) => c.split_column.clone(),
+                    None => return,
+                }
+            };
+            if let Some((qualifier, column)) = ranged_subquery_column(sub, tables) {
+                found.push(CoRange {
+                    split_column,
+                    qualifier,
+                    column,
+                    place: Place::InSubquery(here),
+                });
+            }
+        });
+    }
+    out.extend(found);
     out
+}
+
+/// For `SELECT y FROM t [WHERE …] [GROUP BY … y …]`: t's qualifier and y, when y is a
+/// column of a range type (a filter on y then keeps whole groups).
+fn ranged_subquery_column(q: &Query, tables: &TableSet) -> Option<(String, String)> {
+    let SetExpr::Select(s) = q.body.as_ref() else {
+        return None;
+    };
+    if s.from.len() != 1 || !s.from[0].joins.is_empty() {
+        return None;
+    }
+    let scope = Scope::of(s, tables).ok()?;
+    let [item] = s.projection.as_slice() else {
+        return None;
+    };
+    let (e, _) = item_expr(item)?;
+    let (_, col) = scope.column(strip_nested(e))?;
+    if !split::range_type(col.type_oid) {
+        return None;
+    }
+    let GroupByExpr::Expressions(keys, _) = &s.group_by else {
+        return None;
+    };
+    let grouped = !keys.is_empty() || s.having.is_some() || contains_aggregate(e);
+    if grouped
+        && !keys.iter().any(|k| {
+            scope
+                .column(strip_nested(k))
+                .is_some_and(|(_, c)| c.name == col.name)
+        })
+    {
+        return None;
+    }
+    Some((scope.relations[0].qualifier.clone(), col.name.clone()))
 }
 
 fn and(left: Option<Expr>, right: Expr) -> Expr {
@@ -617,6 +692,25 @@ fn mark(q: &Query, choice: &SiteChoice) -> Result<Query, PassReason> {
             Place::On(o) => {
                 let on = from::join_on_mut(sel, o).ok_or_else(broken)?;
                 *on = and(Some(on.clone()), marker);
+            }
+            Place::InSubquery(target) => {
+                let mut n = 0;
+                let mut marker = Some(marker);
+                if let Some(w) = sel.selection.as_mut() {
+                    from::in_subqueries(w, &mut |_, sub| {
+                        if n == target {
+                            if let (SetExpr::Select(ss), Some(m)) =
+                                (sub.body.as_mut(), marker.take())
+                            {
+                                ss.selection = Some(and(ss.selection.take(), m));
+                            }
+                        }
+                        n += 1;
+                    });
+                }
+                if marker.is_some() {
+                    return Err(broken());
+                }
             }
         }
     }
