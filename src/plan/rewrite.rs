@@ -254,11 +254,12 @@ impl Shape {
                     .co_predicates(&c.split_column, &c.qualifier, &c.column)
                     .is_some()
             })
-            .map(|c| {
-                format!(
+            .map(|c| match c.place {
+                Place::InSubquery(_) => format!("{}.{} in an IN subquery", c.qualifier, c.column),
+                _ => format!(
                     "{}.{} = {}.{}",
                     c.qualifier, c.column, self.site.qualifier, c.split_column
-                )
+                ),
             })
             .collect()
     }
