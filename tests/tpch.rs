@@ -66,7 +66,7 @@ const EXPECTED_ROUTES: [(u32, Route); 22] = [
     (13, FanOut), // customer in a derived table grouped by c_custkey, orders co-ranged in the LEFT JOIN
     (14, FanOut), // lineitem by l_partkey, part co-ranged
     (15, PassThrough), // CTE read twice
-    (16, PassThrough), // count(DISTINCT) over groups of part columns
+    (16, FanOut), // partsupp by ps_partkey, part co-ranged; count(DISTINCT) deduplicated in the combine
     (17, FanOut), // lineitem by l_partkey, part co-ranged; correlated subquery
     (18, FanOut), // lineitem by l_orderkey, orders co-ranged; IN subquery
     (19, FanOut), // lineitem by ctid, part read whole

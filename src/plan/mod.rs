@@ -465,7 +465,7 @@ impl ExprCheck {
 
 /// Aggregates computed only over complete groups; the first four must order their input
 /// (`ORDER BY` inside), or their result would depend on the scan order.
-const HOLISTIC_AGGREGATES: &[&str] = &[
+pub(crate) const HOLISTIC_AGGREGATES: &[&str] = &[
     "string_agg",
     "array_agg",
     "json_agg",
@@ -632,7 +632,7 @@ impl Visitor for ExprCheck {
     }
 }
 
-fn aggregate_problem(f: &sqlparser::ast::Function) -> Option<String> {
+pub(crate) fn aggregate_problem(f: &sqlparser::ast::Function) -> Option<String> {
     if !f.within_group.is_empty() {
         return Some("ordered-set aggregate".into());
     }

@@ -42,6 +42,9 @@ pub enum AggKind {
     BoolAnd,
     /// bool_or
     BoolOr,
+    /// `agg(DISTINCT x)`: fragments group by x as one more key, the combine runs the
+    /// aggregate itself over the deduplicated keys
+    Distinct,
     /// variance and standard deviation, as count, sum and sum of squares in numeric
     Var {
         /// samp (n - 1) rather than pop (n)
@@ -57,6 +60,7 @@ impl AggKind {
         match self {
             AggKind::Avg => 2,
             AggKind::Var { .. } => 6,
+            AggKind::Distinct => 0,
             _ => 1,
         }
     }
@@ -71,6 +75,8 @@ pub struct AggPartial {
     pub first: usize,
     /// Collation of its argument (min/max on text).
     pub collation: Option<String>,
+    /// For [`AggKind::Distinct`]: the call over its key column (`count(DISTINCT pgfan_k3)`).
+    pub distinct_call: Option<String>,
 }
 
 /// A sort key of a top-N merge.
@@ -400,6 +406,89 @@ fn contains_aggregate(e: &Expr) -> bool {
     };
     let _ = e.visit(&mut f);
     f.found
+}
+
+/// x of `agg(DISTINCT x)` without FILTER, ORDER BY inside or WITHIN GROUP.
+fn distinct_argument(f: &Function) -> Option<Expr> {
+    let FunctionArguments::List(l) = &f.args else {
+        return None;
+    };
+    if l.duplicate_treatment != Some(sqlparser::ast::DuplicateTreatment::Distinct)
+        || !l.clauses.is_empty()
+        || f.filter.is_some()
+        || !f.within_group.is_empty()
+        || f.over.is_some()
+    {
+        return None;
+    }
+    match l.args.as_slice() {
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))] => Some(x.clone()),
+        _ => None,
+    }
+}
+
+/// The aggregates of the select list, HAVING and ORDER BY (not of subqueries).
+fn top_level_aggregates(s: &Select, order: &[OrderByExpr]) -> Vec<Function> {
+    struct Collect {
+        depth: usize,
+        found: Vec<Function>,
+    }
+    impl Visitor for Collect {
+        type Break = ();
+        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            self.depth += 1;
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            self.depth -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if let (0, Expr::Function(f)) = (self.depth, e) {
+                let name = function_name(&f.name).unwrap_or_default();
+                if f.over.is_none()
+                    && (aggregate_kind(&name).is_some()
+                        || super::HOLISTIC_AGGREGATES.contains(&name.as_str()))
+                {
+                    self.found.push(f.clone());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut c = Collect {
+        depth: 0,
+        found: vec![],
+    };
+    for (e, _) in s.projection.iter().filter_map(item_expr) {
+        let _ = e.visit(&mut c);
+    }
+    if let Some(h) = &s.having {
+        let _ = h.visit(&mut c);
+    }
+    for o in order {
+        let _ = o.expr.visit(&mut c);
+    }
+    c.found
+}
+
+/// The arguments of the statement's `agg(DISTINCT x)` aggregates.
+fn distinct_arguments(s: &Select, order: &[OrderByExpr]) -> Vec<Expr> {
+    top_level_aggregates(s, order)
+        .iter()
+        .filter(|f| aggregate_kind(&function_name(&f.name).unwrap_or_default()).is_some())
+        .filter_map(distinct_argument)
+        .collect()
+}
+
+/// True if every aggregate without a partial form is a plain `agg(DISTINCT x)` of a
+/// splittable aggregate: then the fragments group by x too and the combine deduplicates.
+fn only_distinct_holistic(s: &Select, order: &[OrderByExpr]) -> bool {
+    top_level_aggregates(s, order).iter().all(|f| {
+        let name = function_name(&f.name).unwrap_or_default();
+        aggregate_kind(&name).is_some()
+            && (super::aggregate_problem(f).is_none() || distinct_argument(f).is_some())
+    })
 }
 
 fn is_subquery(e: &Expr) -> bool {
@@ -879,6 +968,13 @@ fn shape_of(
             Some(r) if !distinct => group_split_column(scope, r, s, &group_by),
             _ => None,
         };
+        let dedupe = c.holistic
+            && !many_groups
+            && !subquery_over_groups
+            && only_distinct_holistic(s, &order);
+        if column.is_none() && dedupe {
+            return aggregate_shape(c, base, scope, s, &group_by, &order, distinct);
+        }
         let Some(column) = column else {
             return Err(if c.holistic {
                 pass(
@@ -1230,6 +1326,8 @@ fn resolve_output_ref(e: &Expr, s: &Select) -> Result<Option<Expr>, PassReason> 
 /// Replaces group keys and aggregates in final expressions.
 struct FinalRewrite<'a> {
     keys: &'a [Expr],
+    /// The first `grouping` keys are GROUP BY keys; the rest are DISTINCT arguments.
+    grouping: usize,
     scope: &'a Scope,
     partials: Vec<Expr>,
     aggs: Vec<AggPartial>,
@@ -1255,6 +1353,28 @@ impl FinalRewrite<'_> {
         };
         if arg.as_ref().is_some_and(contains_aggregate) {
             return Err(pass("aggregate", "nested aggregate"));
+        }
+        if let Some(x) = distinct_argument(f) {
+            let k = self
+                .keys
+                .iter()
+                .position(|k| *k == x)
+                .ok_or_else(|| pass("aggregate", "DISTINCT aggregate"))?;
+            let mut g = f.clone();
+            if let FunctionArguments::List(l) = &mut g.args {
+                l.args = vec![FunctionArg::Unnamed(FunctionArgExpr::Expr(ident(
+                    &format!("pgfan_k{k}"),
+                )))];
+            }
+            let i = self.aggs.len();
+            self.aggs.push(AggPartial {
+                kind: AggKind::Distinct,
+                first: self.partials.len(),
+                collation: None,
+                distinct_call: Some(g.to_string()),
+            });
+            self.seen.push((f.clone(), i));
+            return Ok(i);
         }
         let filter = f.filter.clone();
         let call = |fname: &str, a: Option<Expr>| -> Expr {
@@ -1291,6 +1411,7 @@ impl FinalRewrite<'_> {
                 self.partials.push(call("sum", a.clone()));
                 self.partials.push(call("count", a));
             }
+            AggKind::Distinct => return Err(pass("aggregate", "DISTINCT aggregate")),
             AggKind::Var { .. } => {
                 let x = a.ok_or_else(|| pass("aggregate", "variance(*)"))?;
                 let xn = parse(format!("({x})::numeric"))?;
@@ -1313,6 +1434,7 @@ impl FinalRewrite<'_> {
             kind,
             first,
             collation,
+            distinct_call: None,
         });
         self.seen.push((f.clone(), i));
         Ok(i)
@@ -1322,7 +1444,7 @@ impl FinalRewrite<'_> {
 impl VisitorMut for FinalRewrite<'_> {
     type Break = ();
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-        if let Some(i) = self.keys.iter().position(|k| k == e) {
+        if let Some(i) = self.keys[..self.grouping].iter().position(|k| k == e) {
             *e = ident(&format!("pgfan_k{i}"));
             return ControlFlow::Continue(());
         }
@@ -1396,9 +1518,17 @@ fn aggregate_shape(
             }
         }
     }
+    // agg(DISTINCT x): x becomes a fragment key (the combine groups by the others)
+    let grouping_keys = keys.len();
+    for x in distinct_arguments(s, order) {
+        if !keys.contains(&x) {
+            keys.push(x);
+        }
+    }
     let key_collations = keys.iter().map(|k| scope.collation(k)).collect();
     let mut rw = FinalRewrite {
         keys: &keys,
+        grouping: grouping_keys,
         scope,
         partials: vec![],
         aggs: vec![],
@@ -1470,7 +1600,7 @@ fn aggregate_shape(
     cs.having = having;
     cs.selection = None;
     cs.group_by = GroupByExpr::Expressions(
-        (0..keys.len())
+        (0..grouping_keys)
             .map(|i| ident(&format!("pgfan_k{i}")))
             .collect(),
         vec![],
@@ -1640,6 +1770,7 @@ impl CombineSpec {
                         AggKind::Max => format!("max({})", col(0)),
                         AggKind::BoolAnd => format!("bool_and({})", col(0)),
                         AggKind::BoolOr => format!("bool_or({})", col(0)),
+                        AggKind::Distinct => a.distinct_call.clone().unwrap_or_default(),
                         AggKind::Avg => match t {
                             "bigint" | "numeric" => format!(
                                 "(sum({})::numeric / nullif(sum({}), 0)::numeric)",
