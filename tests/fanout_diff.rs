@@ -16,7 +16,8 @@
 //! silent fall-back to pass-through fails the test.
 //!
 //! All failures are collected and reported in one assertion at the end; the full report is
-//! also written to `target/test-logs/fanout-diff.txt`.
+//! also written to `target/test-logs/fanout-diff.txt`. The running, comparing and reporting
+//! machinery is shared with `fanout_joins` in `tests/common/diff.rs`.
 //!
 //! Run: `cargo test --test fanout_diff -- --nocapture` (starts the cluster with
 //! `scripts/pg-cluster start`). With `PGFAN_TEST_PROXY=direct` no pgfan runs: the compared

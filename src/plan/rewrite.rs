@@ -222,7 +222,7 @@ impl Shape {
     /// the predicates spliced in. The query is rendered once, at analysis, since rendering
     /// per fragment dominates planning time.
     pub fn fragment_sqls(&self, split: &SplitStrategy) -> Result<Vec<String>, PassReason> {
-        let relations = split.relations(&self.site.table);
+        let relations = split.relations(&self.site.table, self.site.pushdown.as_deref());
         let predicates = split.predicates(&self.site.qualifier);
         let co: Vec<Option<Vec<String>>> = self
             .co_ranges
@@ -559,6 +559,7 @@ fn split_sites(
                         qualifier: rel.qualifier.clone(),
                         filter: s.selection.clone(),
                         co_keys,
+                        pushdown: pushdown(s, scope, i),
                     },
                     required: None,
                     co_ranges,
@@ -603,6 +604,61 @@ fn split_sites(
         }
     }
     Ok(())
+}
+
+/// The AND conjuncts of `s`'s WHERE that read only columns of relation `split` (no
+/// subqueries), with the qualifiers removed, AND-ed; rows of a preserved relation they
+/// reject cannot reach the result.
+fn pushdown(s: &Select, scope: &Scope, split: usize) -> Option<String> {
+    fn conjuncts<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
+        match e {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And,
+                right,
+            } => {
+                conjuncts(left, out);
+                conjuncts(right, out);
+            }
+            Expr::Nested(inner) => conjuncts(inner, out),
+            e => out.push(e),
+        }
+    }
+    let mut all = Vec::new();
+    conjuncts(s.selection.as_ref()?, &mut all);
+    let mut kept = Vec::new();
+    for c in all {
+        let mut own = true;
+        let mut columns = 0;
+        let _ = sqlparser::ast::visit_expressions(c, |x| {
+            if is_subquery(x) {
+                own = false;
+                return ControlFlow::Break(());
+            }
+            match scope.resolve(x) {
+                Some(Ok((r, _))) if r == split => columns += 1,
+                Some(_) => {
+                    own = false;
+                    return ControlFlow::Break(());
+                }
+                None => {}
+            }
+            ControlFlow::Continue(())
+        });
+        if own && columns > 0 {
+            let mut c = c.clone();
+            let _ = sqlparser::ast::visit_expressions_mut(&mut c, |x| {
+                if let Expr::CompoundIdentifier(p) = x {
+                    if let [_, col] = p.as_slice() {
+                        *x = Expr::Identifier(col.clone());
+                    }
+                }
+                ControlFlow::<()>::Continue(())
+            });
+            kept.push(format!("({c})"));
+        }
+    }
+    (!kept.is_empty()).then(|| kept.join(" AND "))
 }
 
 /// Equalities between a column of relation `split` and an indexed column of another large

@@ -21,6 +21,9 @@ pub struct SplitSite {
     /// Its columns equi-joined to an indexed column of another large table: an index
     /// split on one of them reads both tables in the same key ranges.
     pub co_keys: Vec<String>,
+    /// The WHERE conjuncts on its columns alone, unqualified: repeated inside each branch
+    /// of a fragment that reads several partitions, where constraint exclusion sees them.
+    pub pushdown: Option<String>,
 }
 
 /// How the split table is cut.
@@ -71,16 +74,28 @@ impl SplitStrategy {
     /// What each fragment reads in place of the split table: the table itself, or its
     /// partitions (always through a column list: a partition's columns may be in another
     /// order than its parent's).
-    pub fn relations(&self, table: &TableInfo) -> Vec<String> {
+    pub fn relations(&self, table: &TableInfo, pushdown: Option<&str>) -> Vec<String> {
         match self {
             SplitStrategy::Partitions { groups, columns } => {
                 let list = columns.join(", ");
+                // PostgreSQL excludes a partition by its constraint only when it is named
+                // directly, not as a UNION ALL branch: each branch repeats the filter
+                let filter = match pushdown {
+                    Some(p) if groups.iter().any(|g| g.len() > 1) => format!(" WHERE {p}"),
+                    _ => String::new(),
+                };
                 groups
                     .iter()
                     .map(|g| {
                         let selects: Vec<String> = g
                             .iter()
-                            .map(|p| format!("SELECT {list} FROM {p}"))
+                            .map(|p| {
+                                if g.len() > 1 {
+                                    format!("SELECT {list} FROM {p}{filter}")
+                                } else {
+                                    format!("SELECT {list} FROM {p}")
+                                }
+                            })
                             .collect();
                         format!("({})", selects.join(" UNION ALL "))
                     })
@@ -482,7 +497,7 @@ fn partition_split(
         ));
     }
     let mut order: Vec<&super::catalog::PartitionInfo> = table.partitions.iter().collect();
-    order.sort_by(|a, b| b.blocks.cmp(&a.blocks));
+    order.sort_by_key(|p| std::cmp::Reverse(p.blocks));
     let mut groups: Vec<(u64, Vec<String>)> = vec![(0, Vec::new()); n];
     for p in order {
         if let Some(g) = groups.iter_mut().min_by_key(|g| g.0) {

@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod diff;
 pub mod wire;
 
 use std::fs;
@@ -124,6 +125,64 @@ max_fragments = 4
 "#,
         cluster().primary_host_port()
     )
+}
+
+/// [`fanout_config_toml`] with the cluster's replicas as further backends (`replica1`,
+/// `replica2`, ...), before its `[fanout]` section (so keys appended to the text still
+/// belong to `[fanout]`).
+pub fn fanout_config_toml_with_replicas() -> String {
+    let base = fanout_config_toml();
+    let mut replicas = String::new();
+    for (i, url) in cluster().replica_host_ports().iter().enumerate() {
+        replicas.push_str(&format!(
+            "[[backends]]\nname = \"replica{}\"\nurl = \"{url}\"\nrole = \"replica\"\npool_size = 8\n\n",
+            i + 1
+        ));
+    }
+    match base.find("[fanout]") {
+        Some(at) => format!("{}{replicas}{}", &base[..at], &base[at..]),
+        None => format!("{base}\n{replicas}"),
+    }
+}
+
+/// Waits until every replica of the cluster has replayed the primary's current WAL
+/// position (what was written before the call is then visible on the replicas).
+pub async fn wait_for_replicas(limit: Duration) {
+    let primary = connect_primary("postgres").await;
+    let lsn: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("pg_current_wal_lsn()")
+        .get(0);
+    let deadline = Instant::now() + limit;
+    for url in &cluster().replica_urls {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to replica {url}: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false), \
+                     pg_last_wal_replay_lsn()::text",
+                    &[&lsn],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("replay position of {url}: {e}"));
+            if row.get::<_, bool>(0) {
+                break;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "replica {url} has replayed only up to {:?}, not {lsn}, after {limit:?}",
+                    row.get::<_, Option<String>>(1)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Starts the test cluster once per test process and returns where it is.
