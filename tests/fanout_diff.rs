@@ -349,15 +349,12 @@ fn generated() -> Vec<Query> {
         .merge(complete),
     );
     c.push(fan("SELECT k, count(*) AS c, jsonb_agg(id ORDER BY id) FROM facts WHERE id % 13 = 0 GROUP BY 1").merge(complete));
-    // nothing keeps a group within one fragment: pass through
-    c.push(pass(
-        "SELECT grp, count(DISTINCT k) FROM facts GROUP BY grp",
-    ));
-    c.push(pass("SELECT count(DISTINCT k) FROM facts"));
+    // nothing keeps a group within one fragment: a DISTINCT aggregate's argument becomes
+    // one more fragment key and the combine deduplicates
+    c.push(fan("SELECT grp, count(DISTINCT k) FROM facts GROUP BY grp").merge("combine"));
+    c.push(fan("SELECT count(DISTINCT k) FROM facts").merge("combine"));
     c.push(pass("SELECT k, string_agg(t, ',') FROM facts GROUP BY k"));
-    c.push(pass(
-        "SELECT DISTINCT k, count(DISTINCT grp) FROM facts GROUP BY k",
-    ));
+    c.push(fan("SELECT DISTINCT k, count(DISTINCT grp) FROM facts GROUP BY k").merge("combine"));
     // text under the database's (non-C) collation: pgfan cannot compare it, no LIMIT
     c.push(pass(
         "SELECT id, t FROM facts WHERE id % 7 = 0 ORDER BY t, id",
