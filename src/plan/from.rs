@@ -99,6 +99,34 @@ pub enum Place {
     InSubquery(usize),
 }
 
+/// Calls `f` on `e` and its subexpressions of the same query level: not inside subqueries,
+/// which see their own FROM and aggregate their own rows. `f` breaks to stop.
+pub fn visit_own_level(e: &Expr, f: impl FnMut(&Expr) -> ControlFlow<()>) {
+    struct Own<F> {
+        depth: usize,
+        f: F,
+    }
+    impl<F: FnMut(&Expr) -> ControlFlow<()>> Visitor for Own<F> {
+        type Break = ();
+        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            self.depth += 1;
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+            self.depth -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if self.depth == 0 {
+                (self.f)(e)
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    }
+    let _ = e.visit(&mut Own { depth: 0, f });
+}
+
 /// Calls `f` with the left side and the subquery of each top-level AND conjunct of `e`
 /// that is `x IN (subquery)` (not negated: NOT IN sees NULLs a filter would remove), in
 /// order.
@@ -187,43 +215,19 @@ impl Scope {
     /// The collation an expression derives: an explicit COLLATE, else that of the first
     /// collatable column it uses (outside subqueries).
     pub fn collation(&self, e: &Expr) -> Option<String> {
-        struct Find<'a> {
-            scope: &'a Scope,
-            depth: usize,
-            found: Option<String>,
-        }
-        impl Visitor for Find<'_> {
-            type Break = ();
-            fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-                self.depth += 1;
+        let mut found = None;
+        visit_own_level(e, |x| {
+            found = match x {
+                Expr::Collate { collation, .. } => Some(collation.to_string()),
+                x => self.column(x).and_then(|(_, c)| c.collation.clone()),
+            };
+            if found.is_some() {
+                ControlFlow::Break(())
+            } else {
                 ControlFlow::Continue(())
             }
-            fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-                self.depth -= 1;
-                ControlFlow::Continue(())
-            }
-            fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-                if self.depth > 0 {
-                    return ControlFlow::Continue(());
-                }
-                let found = match e {
-                    Expr::Collate { collation, .. } => Some(collation.to_string()),
-                    e => self.scope.column(e).and_then(|(_, c)| c.collation.clone()),
-                };
-                if found.is_some() {
-                    self.found = found;
-                    return ControlFlow::Break(());
-                }
-                ControlFlow::Continue(())
-            }
-        }
-        let mut f = Find {
-            scope: self,
-            depth: 0,
-            found: None,
-        };
-        let _ = e.visit(&mut f);
-        f.found
+        });
+        found
     }
 
     /// The number of columns `*` (or `q.*`) stands for.

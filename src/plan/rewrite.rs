@@ -12,7 +12,7 @@ use sqlparser::ast::{
     BinaryOperator, Distinct, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
     FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName, ObjectNamePart, OrderByExpr,
     OrderByKind, OrderBySort, Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
-    TableAlias, TableFactor, TableWithJoins, Value, Visit, VisitMut, Visitor, VisitorMut,
+    TableAlias, TableFactor, TableWithJoins, Value, VisitMut, VisitorMut,
     WildcardAdditionalOptions,
 };
 use sqlparser::dialect::PostgreSqlDialect;
@@ -333,34 +333,23 @@ fn limit_offset(q: &Query) -> Result<(Option<u64>, u64), PassReason> {
 /// the scope; collects problems.
 struct ColumnCheck<'a> {
     scope: &'a Scope,
-    depth: usize,
     problem: Option<PassReason>,
     nondeterministic: bool,
 }
 
-impl Visitor for ColumnCheck<'_> {
-    type Break = ();
-    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-        self.depth += 1;
-        ControlFlow::Continue(())
-    }
-    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-        self.depth -= 1;
-        ControlFlow::Continue(())
-    }
-    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if self.depth > 0 {
-            return ControlFlow::Continue(());
-        }
-        match self.scope.resolve(e) {
-            Some(Ok((_, c))) if !c.deterministic => self.nondeterministic = true,
-            Some(Ok(_)) | None => {}
+impl ColumnCheck<'_> {
+    fn check(&mut self, e: &Expr) {
+        from::visit_own_level(e, |x| match self.scope.resolve(x) {
+            Some(Ok((_, c))) => {
+                self.nondeterministic |= !c.deterministic;
+                ControlFlow::Continue(())
+            }
+            None => ControlFlow::Continue(()),
             Some(Err(p)) => {
                 self.problem.get_or_insert(p);
-                return ControlFlow::Break(());
+                ControlFlow::Break(())
             }
-        }
-        ControlFlow::Continue(())
+        });
     }
 }
 
@@ -374,38 +363,15 @@ fn is_aggregate(f: &Function) -> bool {
 /// True if `e` has an aggregate of its own query level (a subquery's aggregates are the
 /// subquery's).
 fn contains_aggregate(e: &Expr) -> bool {
-    struct Find {
-        depth: usize,
-        found: bool,
-    }
-    impl Visitor for Find {
-        type Break = ();
-        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-            self.depth += 1;
-            ControlFlow::Continue(())
+    let mut found = false;
+    from::visit_own_level(e, |x| match x {
+        Expr::Function(f) if is_aggregate(f) => {
+            found = true;
+            ControlFlow::Break(())
         }
-        fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-            self.depth -= 1;
-            ControlFlow::Continue(())
-        }
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if self.depth == 0 {
-                if let Expr::Function(f) = e {
-                    if is_aggregate(f) {
-                        self.found = true;
-                        return ControlFlow::Break(());
-                    }
-                }
-            }
-            ControlFlow::Continue(())
-        }
-    }
-    let mut f = Find {
-        depth: 0,
-        found: false,
-    };
-    let _ = e.visit(&mut f);
-    f.found
+        _ => ControlFlow::Continue(()),
+    });
+    found
 }
 
 /// x of `agg(DISTINCT x)` without FILTER, ORDER BY inside or WITHIN GROUP.
@@ -429,47 +395,29 @@ fn distinct_argument(f: &Function) -> Option<Expr> {
 
 /// The aggregates of the select list, HAVING and ORDER BY (not of subqueries).
 fn top_level_aggregates(s: &Select, order: &[OrderByExpr]) -> Vec<Function> {
-    struct Collect {
-        depth: usize,
-        found: Vec<Function>,
-    }
-    impl Visitor for Collect {
-        type Break = ();
-        fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-            self.depth += 1;
-            ControlFlow::Continue(())
-        }
-        fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-            self.depth -= 1;
-            ControlFlow::Continue(())
-        }
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if let (0, Expr::Function(f)) = (self.depth, e) {
+    let mut found = Vec::new();
+    let exprs = s
+        .projection
+        .iter()
+        .filter_map(item_expr)
+        .map(|(e, _)| e)
+        .chain(&s.having)
+        .chain(order.iter().map(|o| &o.expr));
+    for e in exprs {
+        from::visit_own_level(e, |x| {
+            if let Expr::Function(f) = x {
                 let name = function_name(&f.name).unwrap_or_default();
                 if f.over.is_none()
                     && (aggregate_kind(&name).is_some()
                         || super::HOLISTIC_AGGREGATES.contains(&name.as_str()))
                 {
-                    self.found.push(f.clone());
+                    found.push(f.clone());
                 }
             }
             ControlFlow::Continue(())
-        }
+        });
     }
-    let mut c = Collect {
-        depth: 0,
-        found: vec![],
-    };
-    for (e, _) in s.projection.iter().filter_map(item_expr) {
-        let _ = e.visit(&mut c);
-    }
-    if let Some(h) = &s.having {
-        let _ = h.visit(&mut c);
-    }
-    for o in order {
-        let _ = o.expr.visit(&mut c);
-    }
-    c.found
+    found
 }
 
 /// The arguments of the statement's `agg(DISTINCT x)` aggregates.
@@ -957,26 +905,25 @@ fn shape_of(
     // every column reference must resolve (else PostgreSQL's own error)
     let mut check = ColumnCheck {
         scope,
-        depth: 0,
         problem: None,
         nondeterministic: false,
     };
     for (e, _) in s.projection.iter().filter_map(item_expr) {
-        let _ = e.visit(&mut check);
+        check.check(e);
     }
     for e in [&s.selection, &s.having].into_iter().flatten() {
-        let _ = e.visit(&mut check);
+        check.check(e);
     }
     if let GroupByExpr::Expressions(g, _) = &s.group_by {
         for e in g {
             if !is_output_alias(e) && !is_position(e) {
-                let _ = e.visit(&mut check);
+                check.check(e);
             }
         }
     }
     for o in &order {
         if !is_output_alias(&o.expr) && !is_position(&o.expr) {
-            let _ = o.expr.visit(&mut check);
+            check.check(&o.expr);
         }
     }
     if let Some(p) = check.problem {

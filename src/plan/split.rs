@@ -145,25 +145,33 @@ impl SplitStrategy {
                 cuts,
                 nulls,
                 ..
-            } => {
-                let col = format!("{q}.{}", quote_ident(column));
-                let v = |s: &str| format!("{}::{type_name}", quote_literal(s));
-                (0..=cuts.len())
-                    .map(|i| {
-                        let lo = (i > 0).then(|| format!("{col} >= {}", v(&cuts[i - 1])));
-                        let hi = cuts.get(i).map(|c| format!("{col} < {}", v(c)));
-                        match (lo, hi) {
-                            (Some(l), Some(h)) => format!("{l} AND {h}"),
-                            (Some(l), None) => l,
-                            (None, Some(h)) if *nulls => format!("({h} OR {col} IS NULL)"),
-                            (None, Some(h)) => h,
-                            (None, None) => String::new(),
-                        }
-                    })
-                    .collect()
-            }
+            } => range_predicates(
+                &format!("{q}.{}", quote_ident(column)),
+                type_name,
+                cuts,
+                *nulls,
+            ),
         }
     }
+}
+
+/// `col >= cut[i-1] AND col < cut[i]` for each range (open at both ends); with `nulls` the
+/// first range also takes NULLs.
+fn range_predicates(col: &str, type_name: &str, cuts: &[String], nulls: bool) -> Vec<String> {
+    let v = |s: &str| format!("{}::{type_name}", quote_literal(s));
+    (0..=cuts.len())
+        .map(|i| {
+            let lo = (i > 0).then(|| format!("{col} >= {}", v(&cuts[i - 1])));
+            let hi = cuts.get(i).map(|c| format!("{col} < {}", v(c)));
+            match (lo, hi) {
+                (Some(l), Some(h)) => format!("{l} AND {h}"),
+                (Some(l), None) => l,
+                (None, Some(h)) if nulls => format!("({h} OR {col} IS NULL)"),
+                (None, Some(h)) => h,
+                (None, None) => String::new(),
+            }
+        })
+        .collect()
 }
 
 impl SplitStrategy {
@@ -188,21 +196,8 @@ impl SplitStrategy {
             return None;
         }
         let col = format!("{}.{}", quote_ident(qualifier), quote_ident(column));
-        let v = |s: &str| format!("{}::{type_name}", quote_literal(s));
-        Some(
-            (0..=cuts.len())
-                .map(|i| {
-                    let lo = (i > 0).then(|| format!("{col} >= {}", v(&cuts[i - 1])));
-                    let hi = cuts.get(i).map(|c| format!("{col} < {}", v(c)));
-                    match (lo, hi) {
-                        (Some(l), Some(h)) => format!("{l} AND {h}"),
-                        (Some(l), None) => l,
-                        (None, Some(h)) => h,
-                        (None, None) => String::new(),
-                    }
-                })
-                .collect(),
-        )
+        // NULLs never join: no NULL branch
+        Some(range_predicates(&col, type_name, cuts, false))
     }
 }
 
