@@ -31,7 +31,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::diff::{
-    any, fan, finish, pass, pick_collation, run_all, summarize, Expect, Query, Route, Suite,
+    any, check_corpus_basics, fan, finish, pass, pick_collation, run_all, summarize, Expect, Query,
+    Route, Suite,
 };
 use common::wire::WireClient;
 use common::{
@@ -1156,32 +1157,14 @@ async fn fanout_joins_partition_pruning() {
 fn corpus_is_large_and_well_formed() {
     let corpus = corpus();
     let n = corpus.len();
-    assert!(n >= 80, "corpus has only {n} queries");
-    let mut seen = std::collections::HashSet::new();
+    check_corpus_basics(&corpus, 80, |sql| {
+        ["sales", "ev_list", "ev_range", "ev_hash"].iter().any(|t| {
+            sql.contains(&format!("FROM {t}"))
+                || sql.contains(&format!("JOIN {t}"))
+                || sql.contains(&format!(", {t} "))
+        })
+    });
     for q in &corpus {
-        assert!(
-            seen.insert((q.sql.clone(), q.params.clone())),
-            "duplicate query {}",
-            q.sql
-        );
-        let placeholders = q.sql.matches('$').count();
-        assert_eq!(
-            placeholders > 0,
-            !q.params.is_empty(),
-            "params and $n disagree: {}",
-            q.sql
-        );
-        if q.route == Route::FanOut {
-            assert!(
-                ["sales", "ev_list", "ev_range", "ev_hash"].iter().any(|t| q
-                    .sql
-                    .contains(&format!("FROM {t}"))
-                    || q.sql.contains(&format!("JOIN {t}"))
-                    || q.sql.contains(&format!(", {t} "))),
-                "fan-out query without a large table: {}",
-                q.sql
-            );
-        }
         let partitioned = PARTITIONED.iter().any(|t| q.sql.contains(t));
         if q.route == Route::FanOut && partitioned {
             assert!(

@@ -485,6 +485,13 @@ async fn tpch_sf01_direct_vs_pgfan() {
         .filter(|(qi, _)| routes[0][*qi].starts_with("FanOut:"))
         .map(|(_, q)| q.name())
         .collect();
+    // the bar, on the routes pgfan actually took
+    if !direct_mode && fanned.len() < 16 {
+        failures.push(format!(
+            "[routes] only {} of 22 queries fan out (at least 16 must)",
+            fanned.len()
+        ));
+    }
     summary.push_str(&format!(
         "fanned out{}: {}\n",
         if direct_mode {
@@ -566,12 +573,4 @@ fn queries_are_well_formed() {
     assert!(!route_ok(FanOut, "PassThrough: join"));
     assert!(route_ok(PassThrough, "PassThrough: join"));
     assert!(!route_ok(PassThrough, "FanOut: 4 fragments"));
-}
-
-/// The bar: at least 16 of the 22 queries fan out (each route is asserted against
-/// `EXPLAIN FANOUT` in the differential run).
-#[test]
-fn most_queries_fan_out() {
-    let fanned = EXPECTED_ROUTES.iter().filter(|(_, r)| *r == FanOut).count();
-    assert!(fanned >= 16, "{fanned} of 22 TPC-H queries fan out");
 }

@@ -6,9 +6,9 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    BinaryOperator, Expr, JoinConstraint, JoinOperator, ObjectName, ObjectNamePart, Query, Select,
-    SelectItem, SelectItemQualifiedWildcardKind, SetExpr, TableFactor, TableWithJoins, Visit,
-    Visitor,
+    BinaryOperator, Expr, Join, JoinConstraint, JoinOperator, ObjectName, ObjectNamePart, Query,
+    Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, TableFactor, TableWithJoins,
+    Visit, Visitor,
 };
 
 use super::{fold, quote_ident, ColumnInfo, PassReason, TableInfo};
@@ -61,8 +61,20 @@ impl TableSet {
 pub enum Source {
     /// A table (or materialized view, or partitioned table).
     Table(Arc<TableInfo>),
-    /// A subquery in FROM.
-    Derived(Box<Query>),
+    /// A subquery in FROM, with its output columns (typed when they are plain columns of
+    /// a table inside).
+    Derived(Box<Query>, Vec<ColumnInfo>),
+}
+
+impl ScopeRelation {
+    /// Its columns: the table's (not copied: a scope is built for every planned
+    /// statement), or the derived table's output columns.
+    pub fn columns(&self) -> &[ColumnInfo] {
+        match &self.source {
+            Source::Table(t) => &t.columns,
+            Source::Derived(_, columns) => columns,
+        }
+    }
 }
 
 /// One relation of a FROM clause as column references see it.
@@ -70,9 +82,6 @@ pub enum Source {
 pub struct ScopeRelation {
     /// The name columns are qualified with: the alias, or the table's last name part.
     pub qualifier: String,
-    /// Its columns (for a derived table: its output columns, typed when they are plain
-    /// columns of a table inside).
-    pub columns: Vec<ColumnInfo>,
     /// What it reads.
     pub source: Source,
     /// Not on the nullable side of any outer join.
@@ -86,6 +95,9 @@ pub struct ScopeRelation {
 pub struct Scope {
     /// The relations.
     pub relations: Vec<ScopeRelation>,
+    /// The equalities among the top-level AND conjuncts of inner joins' ON conditions
+    /// ([`Place::Where`]: they hold for every result row) and of LEFT JOINs' ON.
+    join_equalities: Vec<(Expr, Expr, Place)>,
 }
 
 /// Where an ON condition belongs: the join whose right side is relation `ordinal`.
@@ -153,11 +165,26 @@ pub fn in_subqueries(e: &mut Expr, f: &mut impl FnMut(&Expr, &mut Query)) {
 impl Scope {
     /// The relations of `select`'s FROM with their columns.
     pub fn of(select: &Select, tables: &TableSet) -> Result<Scope, PassReason> {
-        let mut relations = Vec::new();
+        let mut scope = Scope {
+            relations: Vec::new(),
+            join_equalities: Vec::new(),
+        };
         for twj in &select.from {
-            walk(twj, false, tables, &mut relations)?;
+            walk(twj, false, tables, &mut scope)?;
         }
-        Ok(Scope { relations })
+        Ok(scope)
+    }
+
+    /// The equalities `a = b` among the top-level AND conjuncts of `select`'s WHERE clause
+    /// (this scope's SELECT) and of the ON conditions of its inner and left joins, with
+    /// where each one is.
+    pub fn equalities(&self, select: &Select) -> Vec<(Expr, Expr, Place)> {
+        let mut out = Vec::new();
+        if let Some(w) = &select.selection {
+            push_equalities(w, Place::Where, &mut out);
+        }
+        out.extend(self.join_equalities.iter().cloned());
+        out
     }
 
     /// For a column reference: the relation index and the column, or why it does not
@@ -170,7 +197,7 @@ impl Scope {
                 let name = fold(i);
                 let mut found = None;
                 for (r, rel) in self.relations.iter().enumerate() {
-                    if let Some(c) = rel.columns.iter().find(|c| c.name == name) {
+                    if let Some(c) = rel.columns().iter().find(|c| c.name == name) {
                         if found.is_some() {
                             return Some(Err(PassReason::new(
                                 "ambiguous_column",
@@ -195,7 +222,7 @@ impl Scope {
                     _ => return Some(Err(unknown())),
                 };
                 Some(
-                    rel.columns
+                    rel.columns()
                         .iter()
                         .find(|c| c.name == name)
                         .map(|c| (r, c))
@@ -233,11 +260,11 @@ impl Scope {
     /// The number of columns `*` (or `q.*`) stands for.
     pub fn wildcard_width(&self, qualifier: Option<&str>) -> Option<usize> {
         match qualifier {
-            None => Some(self.relations.iter().map(|r| r.columns.len()).sum()),
+            None => Some(self.relations.iter().map(|r| r.columns().len()).sum()),
             Some(q) => {
                 let mut rels = self.relations.iter().filter(|r| r.qualifier == q);
                 match (rels.next(), rels.next()) {
-                    (Some(r), None) => Some(r.columns.len()),
+                    (Some(r), None) => Some(r.columns().len()),
                     _ => None,
                 }
             }
@@ -249,12 +276,12 @@ fn walk(
     twj: &TableWithJoins,
     nullable: bool,
     tables: &TableSet,
-    out: &mut Vec<ScopeRelation>,
+    scope: &mut Scope,
 ) -> Result<(), PassReason> {
-    let start = out.len();
-    factor(&twj.relation, nullable, tables, out)?;
+    let start = scope.relations.len();
+    factor(&twj.relation, nullable, tables, scope)?;
     for j in &twj.joins {
-        let before = out.len();
+        let before = scope.relations.len();
         let constraint = match &j.join_operator {
             JoinOperator::Join(c)
             | JoinOperator::Inner(c)
@@ -266,42 +293,86 @@ fn walk(
             | JoinOperator::FullOuter(c) => c,
             _ => return Err(unsupported("join type")),
         };
-        if matches!(
-            constraint,
-            JoinConstraint::Using(_) | JoinConstraint::Natural
-        ) {
-            return Err(unsupported("USING or NATURAL join"));
-        }
+        let on = match constraint {
+            JoinConstraint::Using(_) | JoinConstraint::Natural => {
+                return Err(unsupported("USING or NATURAL join"))
+            }
+            JoinConstraint::On(e) => Some(e),
+            JoinConstraint::None => None,
+        };
         match &j.join_operator {
             JoinOperator::Left(_) | JoinOperator::LeftOuter(_) => {
-                factor(&j.relation, true, tables, out)?;
-                if out.len() == before + 1 {
-                    out[before].left_join_on = matches!(constraint, JoinConstraint::On(_));
+                factor(&j.relation, true, tables, scope)?;
+                // one relation on the right: its ON can take a co-range predicate
+                if let (Some(e), true) = (on, scope.relations.len() == before + 1) {
+                    scope.relations[before].left_join_on = true;
+                    push_equalities(e, Place::On(before), &mut scope.join_equalities);
                 }
             }
             JoinOperator::Right(_) | JoinOperator::RightOuter(_) => {
-                out[start..before]
+                scope.relations[start..before]
                     .iter_mut()
                     .for_each(|r| r.preserved = false);
-                factor(&j.relation, nullable, tables, out)?;
+                factor(&j.relation, nullable, tables, scope)?;
             }
             JoinOperator::FullOuter(_) => {
-                out[start..before]
+                scope.relations[start..before]
                     .iter_mut()
                     .for_each(|r| r.preserved = false);
-                factor(&j.relation, true, tables, out)?;
+                factor(&j.relation, true, tables, scope)?;
             }
-            _ => factor(&j.relation, nullable, tables, out)?,
+            JoinOperator::Join(_) | JoinOperator::Inner(_) => {
+                factor(&j.relation, nullable, tables, scope)?;
+                if let Some(e) = on {
+                    push_equalities(e, Place::Where, &mut scope.join_equalities);
+                }
+            }
+            _ => factor(&j.relation, nullable, tables, scope)?,
         }
     }
     Ok(())
+}
+
+/// Pushes the equalities among the top-level AND conjuncts of `e`.
+fn push_equalities(e: &Expr, place: Place, out: &mut Vec<(Expr, Expr, Place)>) {
+    for c in conjuncts(e) {
+        if let Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = c
+        {
+            out.push((left.as_ref().clone(), right.as_ref().clone(), place));
+        }
+    }
+}
+
+/// The top-level AND conjuncts of `e` (through parentheses).
+pub fn conjuncts(e: &Expr) -> Vec<&Expr> {
+    fn collect<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
+        match e {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And,
+                right,
+            } => {
+                collect(left, out);
+                collect(right, out);
+            }
+            Expr::Nested(inner) => collect(inner, out),
+            e => out.push(e),
+        }
+    }
+    let mut out = Vec::new();
+    collect(e, &mut out);
+    out
 }
 
 fn factor(
     tf: &TableFactor,
     nullable: bool,
     tables: &TableSet,
-    out: &mut Vec<ScopeRelation>,
+    scope: &mut Scope,
 ) -> Result<(), PassReason> {
     match tf {
         TableFactor::Table {
@@ -334,9 +405,8 @@ fn factor(
                     })
                     .unwrap_or_default(),
             };
-            out.push(ScopeRelation {
+            scope.relations.push(ScopeRelation {
                 qualifier,
-                columns: table.columns.clone(),
                 source: Source::Table(table.clone()),
                 preserved: !nullable,
                 left_join_on: false,
@@ -362,10 +432,9 @@ fn factor(
                     c.name = fold(&name.name);
                 }
             }
-            out.push(ScopeRelation {
+            scope.relations.push(ScopeRelation {
                 qualifier: alias.as_ref().map(|a| fold(&a.name)).unwrap_or_default(),
-                columns,
-                source: Source::Derived(subquery.clone()),
+                source: Source::Derived(subquery.clone(), columns),
                 preserved: !nullable,
                 left_join_on: false,
             });
@@ -374,7 +443,7 @@ fn factor(
         TableFactor::NestedJoin {
             table_with_joins,
             alias: None,
-        } => walk(table_with_joins, nullable, tables, out),
+        } => walk(table_with_joins, nullable, tables, scope),
         _ => Err(unsupported(
             "FROM item other than a table, subquery or join",
         )),
@@ -404,7 +473,7 @@ fn output_columns(s: &Select, scope: &Scope) -> Result<Vec<ColumnInfo>, PassReas
                 out.push(info);
             }
             SelectItem::Wildcard(_) => {
-                out.extend(scope.relations.iter().flat_map(|r| r.columns.clone()));
+                out.extend(scope.relations.iter().flat_map(|r| r.columns().to_vec()));
             }
             SelectItem::QualifiedWildcard(SelectItemQualifiedWildcardKind::ObjectName(n), _) => {
                 let q = match n.0.as_slice() {
@@ -416,7 +485,7 @@ fn output_columns(s: &Select, scope: &Scope) -> Result<Vec<ColumnInfo>, PassReas
                     .iter()
                     .find(|r| r.qualifier == q)
                     .ok_or_else(|| PassReason::new("unknown_column", format!("no {q}.*")))?;
-                out.extend(rel.columns.clone());
+                out.extend(rel.columns().to_vec());
             }
             _ => return Err(unsupported("select item")),
         }
@@ -445,160 +514,50 @@ fn output_name(e: &Expr) -> String {
     }
 }
 
-/// The FROM item of `select` with this walk ordinal (the order of [`Scope::relations`]).
-pub fn factor_mut(select: &mut Select, ordinal: usize) -> Option<&mut TableFactor> {
-    let mut n = 0;
-    for twj in select.from.iter_mut() {
-        if let Some(f) = find_factor(twj, ordinal, &mut n) {
-            return Some(f);
-        }
-    }
-    None
-}
-
-fn find_factor<'a>(
-    twj: &'a mut TableWithJoins,
+/// The FROM item of `select` with this walk ordinal (the order of [`Scope::relations`]),
+/// with the operator of the join whose right side it is directly, if any.
+pub fn factor_mut(
+    select: &mut Select,
     ordinal: usize,
-    n: &mut usize,
-) -> Option<&'a mut TableFactor> {
-    let TableWithJoins { relation, joins } = twj;
-    if let Some(f) = find_in_factor(relation, ordinal, n) {
-        return Some(f);
-    }
-    for j in joins.iter_mut() {
-        if let Some(f) = find_in_factor(&mut j.relation, ordinal, n) {
-            return Some(f);
+) -> Option<(&mut TableFactor, Option<&mut JoinOperator>)> {
+    type Found<'a> = Option<(&'a mut TableFactor, Option<&'a mut JoinOperator>)>;
+    fn in_twj<'a>(twj: &'a mut TableWithJoins, ordinal: usize, n: &mut usize) -> Found<'a> {
+        if let Some(hit) = in_factor(&mut twj.relation, None, ordinal, n) {
+            return Some(hit);
         }
-    }
-    None
-}
-
-fn find_in_factor<'a>(
-    tf: &'a mut TableFactor,
-    ordinal: usize,
-    n: &mut usize,
-) -> Option<&'a mut TableFactor> {
-    if let TableFactor::NestedJoin {
-        table_with_joins, ..
-    } = tf
-    {
-        return find_factor(table_with_joins, ordinal, n);
-    }
-    let here = *n == ordinal;
-    *n += 1;
-    here.then_some(tf)
-}
-
-/// The ON condition of the join whose right side is the FROM item with this ordinal.
-pub fn join_on_mut(select: &mut Select, ordinal: usize) -> Option<&mut Expr> {
-    fn in_twj<'a>(
-        twj: &'a mut TableWithJoins,
-        ordinal: usize,
-        n: &mut usize,
-    ) -> Option<&'a mut Expr> {
-        let TableWithJoins { relation, joins } = twj;
-        if let Some(e) = in_factor(relation, ordinal, n) {
-            return Some(e);
-        }
-        for j in joins.iter_mut() {
-            if matches!(j.relation, TableFactor::NestedJoin { .. }) {
-                if let Some(e) = in_factor(&mut j.relation, ordinal, n) {
-                    return Some(e);
-                }
-                continue;
-            }
-            let here = *n == ordinal;
-            *n += 1;
-            if here {
-                return match &mut j.join_operator {
-                    JoinOperator::Left(JoinConstraint::On(e))
-                    | JoinOperator::LeftOuter(JoinConstraint::On(e)) => Some(e),
-                    _ => None,
-                };
+        for j in twj.joins.iter_mut() {
+            let Join {
+                relation,
+                join_operator,
+                ..
+            } = j;
+            if let Some(hit) = in_factor(relation, Some(join_operator), ordinal, n) {
+                return Some(hit);
             }
         }
         None
     }
     fn in_factor<'a>(
         tf: &'a mut TableFactor,
+        op: Option<&'a mut JoinOperator>,
         ordinal: usize,
         n: &mut usize,
-    ) -> Option<&'a mut Expr> {
-        match tf {
-            TableFactor::NestedJoin {
-                table_with_joins, ..
-            } => in_twj(table_with_joins, ordinal, n),
-            _ => {
-                *n += 1;
-                None
-            }
+    ) -> Found<'a> {
+        if let TableFactor::NestedJoin {
+            table_with_joins, ..
+        } = tf
+        {
+            return in_twj(table_with_joins, ordinal, n);
         }
+        let here = *n == ordinal;
+        *n += 1;
+        here.then_some((tf, op))
     }
     let mut n = 0;
     for twj in select.from.iter_mut() {
-        if let Some(e) = in_twj(twj, ordinal, &mut n) {
-            return Some(e);
+        if let Some(hit) = in_twj(twj, ordinal, &mut n) {
+            return Some(hit);
         }
     }
     None
-}
-
-/// The equalities `a = b` among the top-level AND conjuncts of the WHERE clause and of the
-/// ON conditions of inner and left joins, with where each one is.
-pub fn equalities(select: &Select) -> Vec<(Expr, Expr, Place)> {
-    fn conjuncts(e: &Expr, place: Place, out: &mut Vec<(Expr, Expr, Place)>) {
-        match e {
-            Expr::BinaryOp {
-                left,
-                op: BinaryOperator::And,
-                right,
-            } => {
-                conjuncts(left, place, out);
-                conjuncts(right, place, out);
-            }
-            Expr::Nested(inner) => conjuncts(inner, place, out),
-            Expr::BinaryOp {
-                left,
-                op: BinaryOperator::Eq,
-                right,
-            } => out.push((left.as_ref().clone(), right.as_ref().clone(), place)),
-            _ => {}
-        }
-    }
-    fn in_twj(twj: &TableWithJoins, n: &mut usize, out: &mut Vec<(Expr, Expr, Place)>) {
-        in_factor(&twj.relation, n, out);
-        for j in &twj.joins {
-            let nested = matches!(j.relation, TableFactor::NestedJoin { .. });
-            let ordinal = *n;
-            in_factor(&j.relation, n, out);
-            match &j.join_operator {
-                JoinOperator::Join(JoinConstraint::On(e))
-                | JoinOperator::Inner(JoinConstraint::On(e)) => conjuncts(e, Place::Where, out),
-                JoinOperator::Left(JoinConstraint::On(e))
-                | JoinOperator::LeftOuter(JoinConstraint::On(e))
-                    if !nested =>
-                {
-                    conjuncts(e, Place::On(ordinal), out)
-                }
-                _ => {}
-            }
-        }
-    }
-    fn in_factor(tf: &TableFactor, n: &mut usize, out: &mut Vec<(Expr, Expr, Place)>) {
-        match tf {
-            TableFactor::NestedJoin {
-                table_with_joins, ..
-            } => in_twj(table_with_joins, n, out),
-            _ => *n += 1,
-        }
-    }
-    let mut out = Vec::new();
-    if let Some(w) = &select.selection {
-        conjuncts(w, Place::Where, &mut out);
-    }
-    let mut n = 0;
-    for twj in &select.from {
-        in_twj(twj, &mut n, &mut out);
-    }
-    out
 }

@@ -713,7 +713,7 @@ fn plan_inner(
     }
     let shape = shape()?;
     let split = split::choose(&shape.site, cfg, slots, shape.split_on.as_deref())?;
-    let fragments = shape.fragment_sqls(&split)?;
+    let fragments = shape.fragment_sqls(&split);
     Ok(Plan {
         table: shape.site.table.qualified.clone(),
         co_ranges: shape.co_range_lines(&split),

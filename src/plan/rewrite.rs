@@ -10,10 +10,10 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     BinaryOperator, Distinct, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
-    FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName, ObjectNamePart, OrderByExpr,
-    OrderByKind, OrderBySort, Query, Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr,
-    TableAlias, TableFactor, TableWithJoins, Value, VisitMut, VisitorMut,
-    WildcardAdditionalOptions,
+    FunctionArguments, GroupByExpr, Ident, JoinConstraint, JoinOperator, LimitClause, ObjectName,
+    ObjectNamePart, OrderByExpr, OrderByKind, OrderBySort, Query, Select, SelectItem,
+    SelectItemQualifiedWildcardKind, SetExpr, TableAlias, TableFactor, TableWithJoins, Value,
+    VisitMut, VisitorMut, WildcardAdditionalOptions,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -221,7 +221,7 @@ impl Shape {
     /// The SQL of each fragment: the template with the split table (or the partitions) and
     /// the predicates spliced in. The query is rendered once, at analysis, since rendering
     /// per fragment dominates planning time.
-    pub fn fragment_sqls(&self, split: &SplitStrategy) -> Result<Vec<String>, PassReason> {
+    pub fn fragment_sqls(&self, split: &SplitStrategy) -> Vec<String> {
         let relations = split.relations(&self.site.table, self.site.pushdown.as_deref());
         let predicates = split.predicates(&self.site.qualifier);
         let co: Vec<Option<Vec<String>>> = self
@@ -248,7 +248,7 @@ impl Shape {
             }
             out.push(sql);
         }
-        Ok(out)
+        out
     }
 
     /// `qualifier.column` of each table read in the split's key ranges.
@@ -513,7 +513,7 @@ fn split_sites(
                     co_ranges,
                 });
             }
-            Source::Derived(q) => {
+            Source::Derived(q, _) => {
                 let SetExpr::Select(inner) = q.body.as_ref() else {
                     continue;
                 };
@@ -558,22 +558,7 @@ fn split_sites(
 /// subqueries), with the qualifiers removed, AND-ed; rows of a preserved relation they
 /// reject cannot reach the result.
 fn pushdown(s: &Select, scope: &Scope, split: usize) -> Option<String> {
-    fn conjuncts<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
-        match e {
-            Expr::BinaryOp {
-                left,
-                op: BinaryOperator::And,
-                right,
-            } => {
-                conjuncts(left, out);
-                conjuncts(right, out);
-            }
-            Expr::Nested(inner) => conjuncts(inner, out),
-            e => out.push(e),
-        }
-    }
-    let mut all = Vec::new();
-    conjuncts(s.selection.as_ref()?, &mut all);
+    let all = from::conjuncts(s.selection.as_ref()?);
     let mut kept = Vec::new();
     for c in all {
         let mut own = true;
@@ -620,7 +605,7 @@ fn co_ranges(
     cfg: &FanoutConfig,
 ) -> Vec<CoRange> {
     let mut out: Vec<CoRange> = Vec::new();
-    for (a, b, place) in from::equalities(s) {
+    for (a, b, place) in scope.equalities(s) {
         let (Some((ra, ca)), Some((rb, cb))) = (scope.column(&a), scope.column(&b)) else {
             continue;
         };
@@ -754,7 +739,8 @@ fn mark(q: &Query, choice: &SiteChoice) -> Result<Query, PassReason> {
     };
     let (last, outer) = choice.path.split_last().ok_or_else(broken)?;
     for ordinal in outer {
-        let Some(TableFactor::Derived { subquery, .. }) = from::factor_mut(sel, *ordinal) else {
+        let Some((TableFactor::Derived { subquery, .. }, _)) = from::factor_mut(sel, *ordinal)
+        else {
             return Err(broken());
         };
         sel = match subquery.body.as_mut() {
@@ -763,7 +749,7 @@ fn mark(q: &Query, choice: &SiteChoice) -> Result<Query, PassReason> {
         };
     }
     match from::factor_mut(sel, *last) {
-        Some(TableFactor::Table { name, alias, .. }) => {
+        Some((TableFactor::Table { name, alias, .. }, _)) => {
             if alias.is_none() {
                 *alias = Some(TableAlias {
                     explicit: true,
@@ -784,7 +770,16 @@ fn mark(q: &Query, choice: &SiteChoice) -> Result<Query, PassReason> {
         match c.place {
             Place::Where => sel.selection = Some(and(sel.selection.take(), marker)),
             Place::On(o) => {
-                let on = from::join_on_mut(sel, o).ok_or_else(broken)?;
+                let on = match from::factor_mut(sel, o) {
+                    Some((
+                        _,
+                        Some(
+                            JoinOperator::Left(JoinConstraint::On(on))
+                            | JoinOperator::LeftOuter(JoinConstraint::On(on)),
+                        ),
+                    )) => on,
+                    _ => return Err(broken()),
+                };
                 *on = and(Some(on.clone()), marker);
             }
             Place::InSubquery(target) => {
@@ -820,20 +815,14 @@ pub fn analyze(c: &Candidate, tables: &TableSet, cfg: &FanoutConfig) -> Result<S
     let scope = Scope::of(s, tables)?;
     let mut sites = Vec::new();
     split_sites(s, &scope, tables, cfg, &[], &mut sites)?;
-    // the largest table is the one worth splitting
-    let mut choice = None;
-    for site in sites {
-        let better = match &choice {
-            None => true,
-            Some(b) => {
-                let b: &SiteChoice = b;
-                site.site.table.blocks > b.site.table.blocks
-            }
-        };
-        if better {
-            choice = Some(site);
+    // the largest table is the one worth splitting (the first of equals)
+    let choice = sites.into_iter().reduce(|best, site| {
+        if site.site.table.blocks > best.site.table.blocks {
+            site
+        } else {
+            best
         }
-    }
+    });
     let choice = choice.ok_or_else(|| {
         pass(
             "no_split_table",
@@ -1181,18 +1170,7 @@ fn ordered_shape(
     limit: Option<u64>,
     offset: u64,
 ) -> Result<FragmentShape, PassReason> {
-    let mut fragment = base.clone();
-    let SetExpr::Select(fs) = fragment.body.as_mut() else {
-        return Err(pass("unsupported_shape", "not a SELECT"));
-    };
-    for (i, o) in order.iter().enumerate() {
-        let expr = resolve_output_ref(&o.expr, s)?.unwrap_or_else(|| o.expr.clone());
-        fs.projection.push(SelectItem::ExprWithAlias {
-            expr,
-            alias: Ident::new(format!("pgfan_h{i}")),
-        });
-    }
-    fragment.limit_clause = fragment_limit(limit, offset);
+    let (fragment, _) = with_hidden_keys(base, s, order, limit, offset)?;
     Ok(FragmentShape {
         fragment,
         merge: MergeSpec::Ordered {
@@ -1205,6 +1183,32 @@ fn ordered_shape(
     })
 }
 
+/// The fragment query with each ORDER BY key appended as hidden column `pgfan_h<i>` and
+/// at most limit + offset rows; also the key expressions.
+fn with_hidden_keys(
+    base: &Query,
+    s: &Select,
+    order: &[OrderByExpr],
+    limit: Option<u64>,
+    offset: u64,
+) -> Result<(Query, Vec<Expr>), PassReason> {
+    let mut fragment = base.clone();
+    let SetExpr::Select(fs) = fragment.body.as_mut() else {
+        return Err(pass("unsupported_shape", "not a SELECT"));
+    };
+    let mut exprs = Vec::with_capacity(order.len());
+    for (i, o) in order.iter().enumerate() {
+        let expr = resolve_output_ref(&o.expr, s)?.unwrap_or_else(|| o.expr.clone());
+        fs.projection.push(SelectItem::ExprWithAlias {
+            expr: expr.clone(),
+            alias: Ident::new(format!("pgfan_h{i}")),
+        });
+        exprs.push(expr);
+    }
+    fragment.limit_clause = fragment_limit(limit, offset);
+    Ok((fragment, exprs))
+}
+
 fn topn_shape(
     base: &Query,
     scope: &Scope,
@@ -1213,23 +1217,15 @@ fn topn_shape(
     limit: Option<u64>,
     offset: u64,
 ) -> Result<FragmentShape, PassReason> {
-    let mut fragment = base.clone();
-    let mut keys = Vec::new();
-    let SetExpr::Select(fs) = fragment.body.as_mut() else {
-        return Err(pass("unsupported_shape", "not a SELECT"));
-    };
-    for (i, o) in order.iter().enumerate() {
-        let expr = resolve_output_ref(&o.expr, s)?.unwrap_or_else(|| o.expr.clone());
-        keys.push(SortKey {
-            collation: scope.collation(&expr),
+    let (fragment, exprs) = with_hidden_keys(base, s, order, limit, offset)?;
+    let keys = exprs
+        .iter()
+        .zip(order)
+        .map(|(e, o)| SortKey {
+            collation: scope.collation(e),
             options: o.options.to_string(),
-        });
-        fs.projection.push(SelectItem::ExprWithAlias {
-            expr,
-            alias: Ident::new(format!("pgfan_h{i}")),
-        });
-    }
-    fragment.limit_clause = fragment_limit(limit, offset);
+        })
+        .collect();
     Ok(FragmentShape {
         fragment,
         merge: MergeSpec::Combine(CombineSpec::TopN {

@@ -259,24 +259,15 @@ fn column_of(e: &Expr, c: &SplitSite) -> Option<String> {
     }
 }
 
-/// Collects range bounds on columns from the top-level AND conjuncts of the WHERE clause.
-/// Returns the bounds and the columns compared for equality.
-fn bounds(
+/// Collects the range bound one WHERE conjunct puts on a column, or the column it compares
+/// for equality.
+fn bound(
     e: &Expr,
     c: &SplitSite,
     out: &mut Vec<Bound>,
     points: &mut Vec<(String, Option<String>)>,
 ) {
     match e {
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::And,
-            right,
-        } => {
-            bounds(left, c, out, points);
-            bounds(right, c, out, points);
-        }
-        Expr::Nested(inner) => bounds(inner, c, out, points),
         Expr::Between {
             expr,
             negated: false,
@@ -341,7 +332,9 @@ pub fn choose(
     let mut found = Vec::new();
     let mut points = Vec::new();
     if let Some(w) = &c.filter {
-        bounds(w, c, &mut found, &mut points);
+        for conjunct in super::from::conjuncts(w) {
+            bound(conjunct, c, &mut found, &mut points);
+        }
     }
     for (p, value) in &points {
         let Some(col) = table.column(p).filter(|c| c.indexed) else {

@@ -176,6 +176,35 @@ impl Query {
 
 /// Replaces `$n` by the literal of parameter n: bare integers (negative ones in
 /// parentheses), quoted strings otherwise, NULL for None.
+/// Checks every corpus: at least `min` queries, no duplicates, `$n` exactly when there are
+/// parameters, and every query that must fan out reading a table `on_large_table` accepts.
+pub fn check_corpus_basics(corpus: &[Query], min: usize, on_large_table: impl Fn(&str) -> bool) {
+    let n = corpus.len();
+    assert!(n >= min, "corpus has only {n} queries");
+    let mut seen = std::collections::HashSet::new();
+    for q in corpus {
+        assert!(
+            seen.insert((q.sql.clone(), q.params.clone())),
+            "duplicate query {}",
+            q.sql
+        );
+        let placeholders = q.sql.matches('$').count();
+        assert_eq!(
+            placeholders > 0,
+            !q.params.is_empty(),
+            "params and $n disagree: {}",
+            q.sql
+        );
+        if q.route == Route::FanOut {
+            assert!(
+                on_large_table(&q.sql),
+                "fan-out query without a large table: {}",
+                q.sql
+            );
+        }
+    }
+}
+
 pub fn inline_params(sql: &str, params: &[Option<String>]) -> String {
     let chars: Vec<char> = sql.chars().collect();
     let mut out = String::with_capacity(sql.len());
