@@ -255,6 +255,39 @@ pub struct FanoutConfig {
     /// passes through: every fragment would ship nearly all its rows to the combine.
     /// 0: never pass through for this reason.
     pub min_rows_per_group: u64,
+    /// How fragments meet backends: adaptive (a queue that idle connections pull from) or
+    /// static (dealt round-robin, one per connection, as a baseline for benchmarks).
+    pub dispatch: DispatchMode,
+    /// Fragment connections per backend, all sessions together (the backend's
+    /// `pool_size` also caps it).
+    pub max_fragment_connections: usize,
+    /// Fragments per fragment connection a query may use (over-partitioning, so a fast
+    /// backend takes more of them); merges that stream every fragment at once use 1.
+    pub fragments_per_connection: usize,
+    /// A fragment running longer than this many times the median of its finished
+    /// siblings is run again on an idle connection of another backend; 0: never.
+    pub hedge_after: f64,
+    /// How long a fragment may run; `None`: no limit.
+    pub fragment_timeout: Option<std::time::Duration>,
+    /// How often backends are checked (a query on an idle connection, replay lag).
+    pub health_check_interval: std::time::Duration,
+    /// Consecutive connection failures after which a backend is left out until a health
+    /// check succeeds.
+    pub ban_after_failures: u32,
+    /// New fragment connections of one query open at most this often (doubling each
+    /// step), so a short query does not open connections it will not use.
+    pub slow_start: std::time::Duration,
+}
+
+/// How fragments are given to backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DispatchMode {
+    /// A largest-first queue pulled by idle connections, sized by live backend statistics,
+    /// with hedging and retries.
+    Adaptive,
+    /// Round-robin over the backends, one fragment per connection.
+    Static,
 }
 
 impl Default for FanoutConfig {
@@ -267,6 +300,14 @@ impl Default for FanoutConfig {
             catalog_ttl: std::time::Duration::from_secs(60),
             split_columns: Vec::new(),
             min_rows_per_group: 100,
+            dispatch: DispatchMode::Adaptive,
+            max_fragment_connections: 8,
+            fragments_per_connection: 4,
+            hedge_after: 3.0,
+            fragment_timeout: None,
+            health_check_interval: std::time::Duration::from_millis(1000),
+            ban_after_failures: 3,
+            slow_start: std::time::Duration::from_millis(10),
         }
     }
 }
@@ -314,6 +355,14 @@ struct RawFanout {
     max_replica_lag_bytes: Option<Spanned<i64>>,
     catalog_ttl_secs: Option<Spanned<i64>>,
     min_rows_per_group: Option<Spanned<i64>>,
+    dispatch: Option<DispatchMode>,
+    max_fragment_connections: Option<Spanned<i64>>,
+    fragments_per_connection: Option<Spanned<i64>>,
+    hedge_after: Option<Spanned<f64>>,
+    fragment_timeout_secs: Option<Spanned<f64>>,
+    health_check_interval_ms: Option<Spanned<i64>>,
+    ban_after_failures: Option<Spanned<i64>>,
+    slow_start_ms: Option<Spanned<i64>>,
     #[serde(default)]
     tables: Vec<RawSplitTable>,
 }
@@ -633,6 +682,40 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
         }
         if let Some(v) = non_negative(&f.min_rows_per_group, "min_rows_per_group", 0)? {
             fanout.min_rows_per_group = v;
+        }
+        if let Some(d) = f.dispatch {
+            fanout.dispatch = d;
+        }
+        if let Some(v) = non_negative(&f.max_fragment_connections, "max_fragment_connections", 1)? {
+            fanout.max_fragment_connections = v as usize;
+        }
+        if let Some(v) = non_negative(&f.fragments_per_connection, "fragments_per_connection", 1)? {
+            fanout.fragments_per_connection = v as usize;
+        }
+        let non_negative_f64 = |v: &Option<Spanned<f64>>, key: &str| match v {
+            Some(v) if !(*v.get_ref() >= 0.0 && v.get_ref().is_finite()) => Err(src.invalid(
+                Some(v.span()),
+                &format!("fanout.{key}"),
+                "must be a number of at least 0".into(),
+            )),
+            Some(v) => Ok(Some(*v.get_ref())),
+            None => Ok(None),
+        };
+        if let Some(v) = non_negative_f64(&f.hedge_after, "hedge_after")? {
+            fanout.hedge_after = v;
+        }
+        if let Some(v) = non_negative_f64(&f.fragment_timeout_secs, "fragment_timeout_secs")? {
+            fanout.fragment_timeout = (v > 0.0).then(|| std::time::Duration::from_secs_f64(v));
+        }
+        if let Some(v) = non_negative(&f.health_check_interval_ms, "health_check_interval_ms", 10)?
+        {
+            fanout.health_check_interval = std::time::Duration::from_millis(v);
+        }
+        if let Some(v) = non_negative(&f.ban_after_failures, "ban_after_failures", 1)? {
+            fanout.ban_after_failures = u32::try_from(v).unwrap_or(u32::MAX);
+        }
+        if let Some(v) = non_negative(&f.slow_start_ms, "slow_start_ms", 0)? {
+            fanout.slow_start = std::time::Duration::from_millis(v);
         }
         fanout.split_columns = f
             .tables

@@ -3,7 +3,11 @@
 //! Names: `pgfan_client_connections` (gauge), `pgfan_client_connections_total` and
 //! `pgfan_client_connections_rejected_total` (counters), `pgfan_queries_total{route}`,
 //! `pgfan_query_duration_seconds{route}` (histogram) and
-//! `pgfan_backend_connections{backend,state}` (gauge, state = active | idle).
+//! `pgfan_backend_connections{backend,state}` (gauge, state = active | idle); per backend
+//! the fragment statistics `pgfan_backend_fragments_total`, `..._fragment_errors_total`,
+//! `..._fragments_in_flight`, `..._throughput_pages_per_second`,
+//! `..._fragment_latency_seconds`, `..._healthy`, `..._replica_lag_bytes` and
+//! `..._fragment_connections`; `pgfan_fragment_retries_total`, `pgfan_fragment_hedges_total`.
 
 use std::net::SocketAddr;
 
@@ -22,6 +26,27 @@ pub const QUERIES_TOTAL: &str = "pgfan_queries_total";
 pub const QUERY_DURATION: &str = "pgfan_query_duration_seconds";
 /// Backend connections by backend and state.
 pub const BACKEND_CONNECTIONS: &str = "pgfan_backend_connections";
+
+/// Fragments completed per backend (the winning attempt).
+pub const BACKEND_FRAGMENTS: &str = "pgfan_backend_fragments_total";
+/// Fragment attempts that failed per backend.
+pub const BACKEND_FRAGMENT_ERRORS: &str = "pgfan_backend_fragment_errors_total";
+/// Fragments running now per backend.
+pub const BACKEND_IN_FLIGHT: &str = "pgfan_backend_fragments_in_flight";
+/// EWMA of one fragment connection's heap pages per second, per backend.
+pub const BACKEND_THROUGHPUT: &str = "pgfan_backend_throughput_pages_per_second";
+/// EWMA of fragment latency per backend.
+pub const BACKEND_LATENCY: &str = "pgfan_backend_fragment_latency_seconds";
+/// 1 while a backend takes fragments, 0 while it is banned.
+pub const BACKEND_HEALTHY: &str = "pgfan_backend_healthy";
+/// A replica's replay lag behind the primary's WAL position, in bytes.
+pub const BACKEND_REPLICA_LAG: &str = "pgfan_backend_replica_lag_bytes";
+/// Open fragment connections per backend (running and idle).
+pub const BACKEND_FRAGMENT_CONNECTIONS: &str = "pgfan_backend_fragment_connections";
+/// Fragments run again on another backend after a connection failure.
+pub const FRAGMENT_RETRIES: &str = "pgfan_fragment_retries_total";
+/// Hedged copies started for slow fragments.
+pub const FRAGMENT_HEDGES: &str = "pgfan_fragment_hedges_total";
 
 /// Route label of statements relayed to the primary unchanged.
 pub const ROUTE_PASSTHROUGH: &str = "passthrough";
@@ -64,6 +89,35 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
         BACKEND_CONNECTIONS,
         "Backend connections by backend and state (active = running a request)"
     );
+    metrics::describe_counter!(BACKEND_FRAGMENTS, "Fragments completed, by backend");
+    metrics::describe_counter!(
+        BACKEND_FRAGMENT_ERRORS,
+        "Fragment attempts that failed, by backend"
+    );
+    metrics::describe_gauge!(BACKEND_IN_FLIGHT, "Fragments running now, by backend");
+    metrics::describe_gauge!(
+        BACKEND_THROUGHPUT,
+        "Moving average of one fragment connection's heap pages per second, by backend"
+    );
+    metrics::describe_gauge!(
+        BACKEND_LATENCY,
+        metrics::Unit::Seconds,
+        "Moving average of fragment latency, by backend"
+    );
+    metrics::describe_gauge!(BACKEND_HEALTHY, "1: the backend takes fragments; 0: banned");
+    metrics::describe_gauge!(
+        BACKEND_REPLICA_LAG,
+        "Replay lag of a replica behind the primary's WAL position, in bytes"
+    );
+    metrics::describe_gauge!(
+        BACKEND_FRAGMENT_CONNECTIONS,
+        "Open fragment connections (running and idle), by backend"
+    );
+    metrics::describe_counter!(
+        FRAGMENT_RETRIES,
+        "Fragments run again on another backend after a connection failure"
+    );
+    metrics::describe_counter!(FRAGMENT_HEDGES, "Hedged copies of slow fragments started");
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! and row-level security are the client's own).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::connect::{self, BackendConnection, ConnectError};
+use super::stats::BackendStats;
 use crate::config::{BackendConfig, BackendRole, Config};
 use crate::protocol;
 
@@ -26,8 +28,16 @@ pub struct BackendPool {
     pub config: BackendConfig,
     /// Index in [`FragmentPools::backends`].
     pub index: usize,
+    /// Live statistics of the backend's fragments.
+    pub stats: BackendStats,
+    /// Fragment connections this backend may have open, all sessions together.
+    budget: usize,
     permits: Arc<Semaphore>,
     idle: Mutex<HashMap<LoginKey, IdleList>>,
+    /// Open connections, running and idle (never above `budget`).
+    open: AtomicUsize,
+    /// The login of the latest checkout, for health checks.
+    last_login: Mutex<Option<LoginKey>>,
     passwords: HashMap<String, String>,
     idle_timeout: Duration,
 }
@@ -155,20 +165,22 @@ impl Drop for PooledConnection {
                         conn,
                         BytesMut::new(),
                     ));
+                    return;
                 }
             }
+            self.pool.closed(1);
         }
     }
 }
 
 impl BackendPool {
-    /// Connections this backend may run at once.
+    /// Fragment connections this backend may run at once, all sessions together.
     pub fn capacity(&self) -> usize {
-        self.config.pool_size
+        self.budget
     }
 
     /// Checks out a connection logged in as `key`, opening one if none is idle; waits while
-    /// the pool is at its size.
+    /// the pool is at its budget.
     pub async fn acquire(
         self: &Arc<Self>,
         key: &LoginKey,
@@ -193,6 +205,11 @@ impl BackendPool {
             .ok()
     }
 
+    /// One slot if one is free now.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
     /// Checks out a connection logged in as `key` on a slot reserved with
     /// [`BackendPool::reserve`] (one permit).
     pub async fn acquire_reserved(
@@ -200,36 +217,74 @@ impl BackendPool {
         key: &LoginKey,
         permit: OwnedSemaphorePermit,
     ) -> Result<PooledConnection, ConnectError> {
+        match self.acquire_idle(key, permit) {
+            Ok(c) => Ok(c),
+            Err(permit) => self.acquire_new(key, permit).await,
+        }
+    }
+
+    /// An idle connection logged in as `key` on a reserved slot; the slot back when there
+    /// is none.
+    pub fn acquire_idle(
+        self: &Arc<Self>,
+        key: &LoginKey,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<PooledConnection, OwnedSemaphorePermit> {
+        self.remember_login(key);
+        let mut expired = 0;
         let reused = self.idle.lock().ok().and_then(|mut idle| {
             let list = idle.get_mut(key)?;
             while let Some((since, conn, buf)) = list.pop() {
                 if since.elapsed() < self.idle_timeout {
                     return Some((conn, buf));
                 }
+                expired += 1;
             }
             None
         });
-        let (conn, buf) = match reused {
-            Some(c) => c,
-            None => {
-                let url = &self.config.url;
-                let user = url.user.clone().unwrap_or_else(|| key.0.clone());
-                let database = url.database.clone().unwrap_or_else(|| key.1.clone());
-                let params = vec![
-                    ("user".to_string(), user.clone()),
-                    ("database".to_string(), database),
-                    ("application_name".to_string(), "pgfan fragment".to_string()),
-                    ("client_encoding".to_string(), "UTF8".to_string()),
-                ];
-                let password = url
-                    .password
-                    .clone()
-                    .or_else(|| self.passwords.get(&user).cloned());
-                let conn = connect::connect(url, &params, password.as_deref()).await?;
-                let buf = conn.pending.clone();
-                (conn, buf)
-            }
-        };
+        self.closed(expired);
+        match reused {
+            Some((conn, buf)) => Ok(PooledConnection {
+                conn: Some(conn),
+                buf,
+                broken: false,
+                key: key.clone(),
+                pool: self.clone(),
+                _permit: permit,
+            }),
+            None => Err(permit),
+        }
+    }
+
+    /// Opens a new connection logged in as `key` on a reserved slot. An idle connection
+    /// of another login is closed first when the backend is at its budget.
+    pub async fn acquire_new(
+        self: &Arc<Self>,
+        key: &LoginKey,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<PooledConnection, ConnectError> {
+        self.remember_login(key);
+        if self.open.load(Ordering::Relaxed) >= self.budget {
+            self.evict_idle();
+        }
+        let url = &self.config.url;
+        let user = url.user.clone().unwrap_or_else(|| key.0.clone());
+        let database = url.database.clone().unwrap_or_else(|| key.1.clone());
+        let params = vec![
+            ("user".to_string(), user.clone()),
+            ("database".to_string(), database),
+            ("application_name".to_string(), "pgfan fragment".to_string()),
+            ("client_encoding".to_string(), "UTF8".to_string()),
+        ];
+        let password = url
+            .password
+            .clone()
+            .or_else(|| self.passwords.get(&user).cloned());
+        let conn = connect::connect(url, &params, password.as_deref()).await?;
+        let n = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(crate::metrics::BACKEND_FRAGMENT_CONNECTIONS, "backend" => self.config.name.clone())
+            .set(n as f64);
+        let buf = conn.pending.clone();
         Ok(PooledConnection {
             conn: Some(conn),
             buf,
@@ -240,6 +295,44 @@ impl BackendPool {
         })
     }
 
+    /// The login of the latest checkout (health checks log in as it).
+    pub fn last_login(&self) -> Option<LoginKey> {
+        self.last_login.lock().ok().and_then(|l| l.clone())
+    }
+
+    fn remember_login(&self, key: &LoginKey) {
+        if let Ok(mut l) = self.last_login.lock() {
+            if l.as_ref() != Some(key) {
+                *l = Some(key.clone());
+            }
+        }
+    }
+
+    /// Closes the oldest idle connection, of any login.
+    fn evict_idle(&self) {
+        let evicted = self.idle.lock().ok().and_then(|mut idle| {
+            let (key, at) = idle
+                .iter()
+                .flat_map(|(k, list)| list.iter().enumerate().map(move |(i, e)| (k, i, e.0)))
+                .min_by_key(|(_, _, since)| *since)
+                .map(|(k, i, _)| (k.clone(), i))?;
+            idle.get_mut(&key).map(|list| list.remove(at))
+        });
+        if evicted.is_some() {
+            self.closed(1);
+        }
+    }
+
+    /// `n` connections were closed.
+    fn closed(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let left = self.open.fetch_sub(n, Ordering::Relaxed).saturating_sub(n);
+        metrics::gauge!(crate::metrics::BACKEND_FRAGMENT_CONNECTIONS, "backend" => self.config.name.clone())
+            .set(left as f64);
+    }
+
     /// Slots not in use right now.
     pub fn free_slots(&self) -> usize {
         self.permits.available_permits()
@@ -247,11 +340,15 @@ impl BackendPool {
 
     /// Closes idle connections older than the idle timeout.
     pub fn prune(&self) {
+        let mut pruned = 0;
         if let Ok(mut idle) = self.idle.lock() {
             for list in idle.values_mut() {
+                let before = list.len();
                 list.retain(|(since, _, _)| since.elapsed() < self.idle_timeout);
+                pruned += before - list.len();
             }
         }
+        self.closed(pruned);
     }
 }
 
@@ -284,11 +381,19 @@ impl FragmentPools {
             .into_iter()
             .enumerate()
             .map(|(index, b)| {
+                let budget = b
+                    .pool_size
+                    .min(config.fanout.max_fragment_connections)
+                    .max(1);
                 Arc::new(BackendPool {
                     config: b.clone(),
                     index,
-                    permits: Arc::new(Semaphore::new(b.pool_size)),
+                    stats: BackendStats::new(&b.name),
+                    budget,
+                    permits: Arc::new(Semaphore::new(budget)),
                     idle: Mutex::new(HashMap::new()),
+                    open: AtomicUsize::new(0),
+                    last_login: Mutex::new(None),
                     passwords: passwords.clone(),
                     idle_timeout: config.backend_idle_timeout,
                 })

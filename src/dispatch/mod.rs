@@ -1,45 +1,80 @@
-//! Runs fragments concurrently on the backend pools and streams their results back as
-//! [`FragmentEvent`]s over a bounded channel (so a slow client slows the fragments down
-//! instead of filling memory). Dropping the receiver cancels every fragment still running.
+//! The adaptive scheduler: runs a query's fragments on the backends' fragment
+//! connections and streams their results back as [`FragmentEvent`]s over bounded channels
+//! (so a slow client slows the fragments down instead of filling memory).
+//!
+//! A query gets workers (fragment connections) on each usable backend, as many as the
+//! backend's free budget and its fair share among running queries allow; the fragments
+//! wait on a board, largest first, and an idle worker takes the next one (so a slow
+//! backend runs fewer). A straggler is hedged on an idle worker of another backend; a
+//! fragment whose connection fails is retried elsewhere while none of its rows has reached
+//! the merge. Dropping [`Running`] cancels every fragment still running.
+
+mod board;
+mod worker;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tracing::debug;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::backends::pool::{BackendPool, LoginKey, PooledConnection};
-use crate::protocol::{self, BindParams};
+pub use board::Delivery;
+
+use crate::backends::pool::{BackendPool, LoginKey};
+use crate::config::{DispatchMode, FanoutConfig};
+use crate::protocol::BindParams;
 
 /// Events per channel slot: bounded, so memory does not grow with the result.
 const CHANNEL_DEPTH: usize = 256;
 /// Events per fragment in an ordered merge.
 const ORDERED_CHANNEL_DEPTH: usize = 64;
-/// How long an ordered merge waits for all its pool slots before passing through.
+/// How long a merge that runs every fragment at once waits for its slots before passing
+/// through.
 pub const RESERVE_WAIT: Duration = Duration::from_secs(2);
+/// A backend this many times slower than the query's fastest takes the smallest
+/// fragments, so that it does not finish last with a large one.
+const SLOW_FACTOR: f64 = 2.0;
 
-/// One fragment to run.
-#[derive(Clone)]
-pub struct FragmentJob {
-    /// Index of the fragment in the plan.
-    pub index: usize,
-    /// The backend pool to run it on.
-    pub backend: Arc<BackendPool>,
-    /// Statements run first, in one simple query (BEGIN, snapshot import, settings).
+/// A server a query's fragments may run on.
+pub struct Server {
+    /// Its fragment pool.
+    pub pool: Arc<BackendPool>,
+    /// Statements each fragment runs first, in one simple query (BEGIN, snapshot import,
+    /// settings).
     pub setup: String,
+}
+
+/// One fragment.
+pub struct Fragment {
     /// The fragment SQL.
     pub sql: String,
+    /// Estimated heap pages it reads (orders the work, measures throughput).
+    pub pages: u64,
+}
+
+/// Everything the dispatcher needs to run one query's fragments.
+pub struct QuerySpec {
+    /// The fragments.
+    pub fragments: Vec<Fragment>,
+    /// The servers, each with its snapshot.
+    pub servers: Vec<Server>,
     /// Parameter types as the client declared them.
     pub param_types: Vec<u32>,
     /// The client's parameters and the wanted result formats.
     pub params: BindParams,
+    /// Who the fragment connections log in as.
+    pub login: LoginKey,
+    /// For logs.
+    pub query_id: u64,
+    /// How rows reach the merge.
+    pub delivery: Delivery,
 }
 
 /// What a fragment reports.
 #[derive(Debug)]
 pub enum FragmentEvent {
-    /// The fragment's RowDescription body.
+    /// The fragment's RowDescription body (once, before its rows).
     Described {
         /// Fragment index.
         index: usize,
@@ -58,8 +93,8 @@ pub enum FragmentEvent {
         /// Fragment index.
         index: usize,
     },
-    /// The fragment failed; `error` is the ErrorResponse body, or `None` for a lost
-    /// connection.
+    /// The fragment failed and no backend will run it again; `error` is the ErrorResponse
+    /// body, or `None` for a lost connection.
     Failed {
         /// Fragment index.
         index: usize,
@@ -67,181 +102,200 @@ pub enum FragmentEvent {
         error: Option<BytesMut>,
         /// Human-readable cause, for logs.
         cause: String,
+        /// The error is the answer even before any row reached the client (a fragment
+        /// timeout), rather than a reason to pass the statement through.
+        conclusive: bool,
     },
 }
 
-/// Starts every job and returns the stream of their events.
-pub fn run(
-    jobs: Vec<FragmentJob>,
-    login: LoginKey,
-    query_id: u64,
-) -> mpsc::Receiver<FragmentEvent> {
-    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    for job in jobs {
-        spawn_job(job, None, login.clone(), query_id, tx.clone());
-    }
-    rx
+/// The event streams of a running query.
+pub enum Events {
+    /// One stream for all fragments.
+    Shared(mpsc::Receiver<FragmentEvent>),
+    /// One stream per fragment, by index.
+    Each(Vec<mpsc::Receiver<FragmentEvent>>),
 }
 
-/// Starts every job with a stream of events of its own, for a merge that must wait for
-/// one particular fragment: each stream is bounded on its own, so a fragment the merge
-/// is not reading yet waits instead of filling memory.
-///
-/// Such a merge stalls if one fragment waits for a pool slot while the others hold theirs,
-/// so every slot is reserved first, backend by backend in index order (no two queries
-/// wait on each other in a cycle). `None` when the slots are not free within
-/// [`RESERVE_WAIT`]: nothing has run, and the caller passes the statement through.
-pub async fn run_each(
-    jobs: Vec<FragmentJob>,
-    login: LoginKey,
-    query_id: u64,
-) -> Option<Vec<mpsc::Receiver<FragmentEvent>>> {
-    let mut backends: Vec<(Arc<BackendPool>, usize)> = Vec::new();
-    for job in &jobs {
-        match backends
-            .iter_mut()
-            .find(|(b, _)| b.index == job.backend.index)
-        {
-            Some((_, n)) => *n += 1,
-            None => backends.push((job.backend.clone(), 1)),
-        }
-    }
-    backends.sort_by_key(|(b, _)| b.index);
-    let mut reserved: Vec<(usize, OwnedSemaphorePermit)> = Vec::new();
-    for (backend, n) in &backends {
-        let permit = backend.reserve(*n, RESERVE_WAIT).await?;
-        reserved.push((backend.index, permit));
-    }
-    let mut streams = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let permit = reserved
-            .iter_mut()
-            .find(|(i, _)| *i == job.backend.index)
-            .and_then(|(_, p)| p.split(1))?;
-        let (tx, rx) = mpsc::channel(ORDERED_CHANNEL_DEPTH);
-        spawn_job(job, Some(permit), login.clone(), query_id, tx);
-        streams.push(rx);
-    }
-    Some(streams)
+/// A running query's fragments; dropping it stops them all.
+pub struct Running {
+    /// Their events.
+    pub events: Events,
+    /// Workers granted per server, for logs.
+    pub workers: Vec<usize>,
+    _stop: DropGuard,
 }
 
-fn spawn_job(
-    job: FragmentJob,
-    permit: Option<OwnedSemaphorePermit>,
-    login: LoginKey,
-    query_id: u64,
-    tx: mpsc::Sender<FragmentEvent>,
-) {
-    tokio::spawn(async move {
-        let index = job.index;
-        let backend = job.backend.config.name.clone();
-        let acquired = match permit {
-            Some(p) => job.backend.acquire_reserved(&login, p).await,
-            None => job.backend.acquire(&login).await,
-        };
-        let mut conn = match acquired {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = tx
-                    .send(FragmentEvent::Failed {
-                        index,
-                        error: None,
-                        cause: e.to_string(),
-                    })
-                    .await;
-                return;
-            }
-        };
-        debug!(query = query_id, fragment = index, backend = %backend, "fragment start");
-        if let Err(cause) = run_one(&mut conn, &job, &tx).await {
-            // the receiver is gone or the connection failed: stop the backend's work
-            conn.broken = true;
-            if let Some(target) = conn.cancel_target() {
-                tokio::spawn(async move {
-                    let _ = target.cancel().await;
-                });
-            }
-            let _ = tx
-                .send(FragmentEvent::Failed {
-                    index,
-                    error: None,
-                    cause,
-                })
-                .await;
-        }
-        debug!(query = query_id, fragment = index, "fragment end");
-    });
+impl Running {
+    /// The event streams, and the guard that stops every fragment when dropped.
+    pub fn into_parts(self) -> (Events, DropGuard) {
+        (self.events, self._stop)
+    }
 }
 
-async fn run_one(
-    conn: &mut PooledConnection,
-    job: &FragmentJob,
-    tx: &mpsc::Sender<FragmentEvent>,
-) -> Result<(), String> {
-    let index = job.index;
-    let mut out = BytesMut::new();
-    protocol::put_query(&mut out, &job.setup);
-    protocol::put_parse(&mut out, "", &job.sql, &job.param_types);
-    protocol::put_bind(
-        &mut out,
-        "",
-        "",
-        &job.params,
-        &[],
-        &job.params.result_formats,
-    );
-    protocol::put_describe_or_close(&mut out, b'D', b'P', "");
-    protocol::put_execute(&mut out, "");
-    protocol::put_empty(&mut out, b'S');
-    protocol::put_query(&mut out, "COMMIT");
-    conn.send(&out).await.map_err(|e| e.to_string())?;
-    let mut error: Option<BytesMut> = None;
-    let mut ready = 0;
-    while ready < 3 {
-        // a merge that stops (cancel, LIMIT reached, client gone) drops its receiver:
-        // stop waiting for the backend at once, so the caller cancels its work
-        let (tag, body) = tokio::select! {
-            m = conn.next() => m.map_err(|e| e.to_string())?,
-            _ = tx.closed() => return Err("merge stopped".to_string()),
-        };
-        match tag {
-            // ready == 1: past the setup query, inside the fragment's own reply
-            b'T' if error.is_none() && ready == 1 => {
-                tx.send(FragmentEvent::Described {
-                    index,
-                    body: body.freeze(),
-                })
-                .await
-                .map_err(|_| "merge stopped".to_string())?;
-            }
-            b'D' if error.is_none() && ready == 1 => {
-                let mut message = BytesMut::with_capacity(body.len() + 5);
-                protocol::put_message(&mut message, b'D', &body);
-                tx.send(FragmentEvent::Row {
-                    index,
-                    message: message.freeze(),
-                })
-                .await
-                .map_err(|_| "merge stopped".to_string())?;
-            }
-            b'E' => {
-                error.get_or_insert(body);
-            }
-            b'Z' => ready += 1,
-            _ => {}
-        }
-    }
-    let event = match error {
-        Some(e) => FragmentEvent::Failed {
-            index,
-            cause: {
-                let (code, msg) = protocol::error_code_and_message(&e);
-                format!("{}: {}", code.unwrap_or_default(), msg.unwrap_or_default())
-            },
-            error: Some(e),
-        },
-        None => FragmentEvent::Done { index },
+/// Fragment connections a query could get now on `pools`: per backend, what is free, at
+/// most its fair share among the queries running there (at least 2, so the newest query
+/// still fans out while slots are free). Static dispatch ignores load.
+pub fn available_slots(pools: &[&Arc<BackendPool>], cfg: &FanoutConfig) -> usize {
+    pools
+        .iter()
+        .filter(|p| !p.stats.view().banned)
+        .map(|p| match cfg.dispatch {
+            DispatchMode::Static => p.capacity(),
+            DispatchMode::Adaptive => p.free_slots().min(fair_share(p)),
+        })
+        .sum()
+}
+
+fn fair_share(p: &BackendPool) -> usize {
+    let active = p.stats.active_queries();
+    p.capacity().div_ceil(active + 1).max(2)
+}
+
+/// Starts the query's fragments. `None` when it cannot get at least two fragment
+/// connections (or, for a merge that runs every fragment at once, one per fragment within
+/// [`RESERVE_WAIT`]): nothing has run, and the caller passes the statement through.
+pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
+    let n = spec.fragments.len();
+    let all_at_once = spec.delivery == Delivery::Ordered || cfg.dispatch == DispatchMode::Static;
+    let (grants, pinned) = if all_at_once {
+        let (g, p) = reserve_each(&spec.servers, n).await?;
+        (g, (cfg.dispatch == DispatchMode::Static).then_some(p))
+    } else {
+        (grant(&spec.servers, n), None)
     };
-    let _ = tx.send(event).await;
-    Ok(())
+    if grants.len() < 2 {
+        return None;
+    }
+    let mut workers = vec![0; spec.servers.len()];
+    for (s, _) in &grants {
+        workers[*s] += 1;
+    }
+    let stop = CancellationToken::new();
+    let pages: Vec<u64> = spec.fragments.iter().map(|f| f.pages).collect();
+    let board = board::Board::new(
+        &pages,
+        spec.servers.len(),
+        spec.delivery,
+        cfg.hedge_after,
+        pinned,
+        stop.clone(),
+    );
+    let (sinks, events) = if spec.delivery == Delivery::Ordered {
+        let (txs, rxs): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| mpsc::channel(ORDERED_CHANNEL_DEPTH)).unzip();
+        (txs, Events::Each(rxs))
+    } else {
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        (vec![tx], Events::Shared(rx))
+    };
+    let slow = slow_servers(&spec.servers);
+    let shared = Arc::new(worker::Shared {
+        spec,
+        board: std::sync::Mutex::new(board),
+        changed: Notify::new(),
+        stop: stop.clone(),
+        sinks,
+        slow,
+        fragment_timeout: cfg.fragment_timeout,
+        ban_after: cfg.ban_after_failures,
+        opened: std::sync::atomic::AtomicUsize::new(0),
+        started: Instant::now(),
+        slow_start: cfg.slow_start,
+        move_wait: RESERVE_WAIT,
+    });
+    if let Ok(mut b) = shared.board.lock() {
+        for (server, _) in &grants {
+            b.worker_started(*server);
+        }
+    }
+    for (server, permit) in grants {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let pool = shared.spec.servers[server].pool.clone();
+            let _active = pool.stats.query_started();
+            worker::run(shared, server, permit).await;
+        });
+    }
+    Some(Running {
+        events,
+        workers,
+        _stop: stop.drop_guard(),
+    })
+}
+
+/// Slots for a queue-fed query: one at a time round the servers (so each gets its share
+/// while slots last), each server at most its fair share, all together at most one per
+/// fragment. Banned backends get none.
+fn grant(servers: &[Server], fragments: usize) -> Vec<(usize, OwnedSemaphorePermit)> {
+    let shares: Vec<usize> = servers
+        .iter()
+        .map(|s| {
+            if s.pool.stats.view().banned {
+                0
+            } else {
+                fair_share(&s.pool)
+            }
+        })
+        .collect();
+    let mut out: Vec<(usize, OwnedSemaphorePermit)> = Vec::new();
+    let mut taken = vec![0; servers.len()];
+    let mut progress = true;
+    while out.len() < fragments && progress {
+        progress = false;
+        for (i, s) in servers.iter().enumerate() {
+            if out.len() >= fragments || taken[i] >= shares[i] {
+                continue;
+            }
+            if let Some(p) = s.pool.try_reserve() {
+                taken[i] += 1;
+                out.push((i, p));
+                progress = true;
+            }
+        }
+    }
+    out
+}
+
+/// One slot per fragment, fragment i on server `i % servers` among the healthy ones,
+/// reserved backend by backend in index order (no two queries wait on each other in a
+/// cycle). Returns the slots and each fragment's server.
+async fn reserve_each(
+    servers: &[Server],
+    fragments: usize,
+) -> Option<(Vec<(usize, OwnedSemaphorePermit)>, Vec<usize>)> {
+    let healthy: Vec<usize> = (0..servers.len())
+        .filter(|i| !servers[*i].pool.stats.view().banned)
+        .collect();
+    if healthy.is_empty() {
+        return None;
+    }
+    let assignment: Vec<usize> = (0..fragments).map(|i| healthy[i % healthy.len()]).collect();
+    let mut order: Vec<usize> = healthy.clone();
+    order.sort_by_key(|s| servers[*s].pool.index);
+    let mut out = Vec::with_capacity(fragments);
+    for s in order {
+        let n = assignment.iter().filter(|a| **a == s).count();
+        if n == 0 {
+            continue;
+        }
+        let mut permit = servers[s].pool.reserve(n, RESERVE_WAIT).await?;
+        for _ in 1..n {
+            out.push((s, permit.split(1)?));
+        }
+        out.push((s, permit));
+    }
+    Some((out, assignment))
+}
+
+/// Servers whose fragment throughput is below the fastest's by [`SLOW_FACTOR`].
+fn slow_servers(servers: &[Server]) -> Vec<bool> {
+    let rates: Vec<Option<f64>> = servers
+        .iter()
+        .map(|s| s.pool.stats.view().pages_per_second)
+        .collect();
+    let best = rates.iter().flatten().copied().fold(0.0, f64::max);
+    rates
+        .iter()
+        .map(|r| r.is_some_and(|r| r * SLOW_FACTOR < best))
+        .collect()
 }

@@ -66,6 +66,8 @@ pub struct Plan {
     pub split: SplitStrategy,
     /// One SQL text per fragment (with the client's `$n` parameters, if any).
     pub fragments: Vec<String>,
+    /// Estimated heap pages each fragment reads (the dispatcher runs the largest first).
+    pub pages: Vec<u64>,
     /// How fragment results become the client's result.
     pub merge: MergeSpec,
 }
@@ -711,14 +713,33 @@ fn plan_inner(
             ));
         }
     }
+    if slots < 2 {
+        return Err(PassReason::new(
+            "no_slots",
+            "fewer than 2 fragment connections are free",
+        ));
+    }
     let shape = shape()?;
-    let split = split::choose(&shape.site, cfg, slots, shape.split_on.as_deref())?;
+    // a queue-fed merge gets several fragments per connection, so a fast backend can take
+    // more of them; a k-way merge streams every fragment at once, one per connection
+    let per_connection = match (&shape.merge, cfg.dispatch) {
+        (MergeSpec::Ordered { .. }, _) | (_, crate::config::DispatchMode::Static) => 1,
+        _ => cfg.fragments_per_connection.max(1),
+    };
+    let split = split::choose(
+        &shape.site,
+        cfg,
+        slots.saturating_mul(per_connection),
+        shape.split_on.as_deref(),
+    )?;
     let fragments = shape.fragment_sqls(&split);
+    let pages = split.fragment_pages(&shape.site.table, fragments.len());
     Ok(Plan {
         table: shape.site.table.qualified.clone(),
         co_ranges: shape.co_range_lines(&split),
         split,
         fragments,
+        pages,
         merge: shape.merge.clone(),
     })
 }

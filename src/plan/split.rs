@@ -71,6 +71,32 @@ impl SplitStrategy {
         }
     }
 
+    /// Estimated heap pages each of `n` fragments reads: partition sizes, block ranges,
+    /// or equal shares of an equal-depth index split.
+    pub fn fragment_pages(&self, table: &TableInfo, n: usize) -> Vec<u64> {
+        match self {
+            SplitStrategy::Partitions { groups, .. } => groups
+                .iter()
+                .map(|g| {
+                    g.iter()
+                        .filter_map(|name| table.partitions.iter().find(|p| &p.qualified == name))
+                        .map(|p| p.blocks)
+                        .sum::<u64>()
+                        .max(1)
+                })
+                .collect(),
+            SplitStrategy::Ctid { starts } => (0..starts.len())
+                .map(|i| {
+                    let end = starts.get(i + 1).copied().unwrap_or(table.blocks);
+                    end.saturating_sub(starts[i]).max(1)
+                })
+                .collect(),
+            SplitStrategy::IndexRange { .. } => {
+                vec![(table.blocks / n.max(1) as u64).max(1); n]
+            }
+        }
+    }
+
     /// What each fragment reads in place of the split table: the table itself, or its
     /// partitions (always through a column list: a partition's columns may be in another
     /// order than its parent's).

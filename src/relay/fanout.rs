@@ -15,7 +15,7 @@ use tracing::{debug, info};
 
 use crate::backends::pool::{decode_text_row, FragmentPools, LoginKey};
 use crate::config::Config;
-use crate::dispatch::{self, FragmentEvent, FragmentJob};
+use crate::dispatch::{self, Delivery, Events, FragmentEvent, QuerySpec};
 use crate::merge::ordered::OrderedMerge;
 use crate::merge::{row_description_types, Concat, ConcatStep, PartialRows};
 use crate::plan::{
@@ -118,8 +118,22 @@ async fn replica_snapshots(
     };
     let mut out = Vec::new();
     for pool in env.pools.backends.iter().skip(1) {
-        let Ok(mut conn) = pool.acquire(login).await else {
+        // a banned replica, or one without a slot for a worker besides the snapshot's own
+        // connection, sits this query out rather than making it wait
+        if pool.stats.view().banned || pool.free_slots() < 2 {
             continue;
+        }
+        let Some(permit) = pool.try_reserve() else {
+            continue;
+        };
+        let mut conn = match pool.acquire_reserved(login, permit).await {
+            Ok(c) => c,
+            Err(e) => {
+                pool.stats
+                    .connection_failed(env.config.fanout.ban_after_failures, "snapshot");
+                debug!(session = session_id, backend = %pool.config.name, error = %e, "replica left out");
+                continue;
+            }
         };
         let rows = conn
             .simple_query(
@@ -438,11 +452,15 @@ fn cached_table_set(
 }
 
 /// The plan with the backends each fragment would run on.
+///
+/// `load`: size the plan by the fragment connections free now (a run) rather than by the
+/// backends' budgets (EXPLAIN, which shows what an idle pgfan would do).
 pub async fn route_for(
     env: &FanoutEnv,
     login: &LoginKey,
     status: u8,
     candidate: &plan::Candidate,
+    load: bool,
 ) -> (Route, Vec<usize>) {
     if !env.config.fanout.enabled {
         return (
@@ -451,7 +469,7 @@ pub async fn route_for(
         );
     }
     match table_set(env, login, candidate).await {
-        Ok(tables) => route_with(env, status, candidate, tables.as_ref()),
+        Ok(tables) => route_with(env, status, candidate, tables.as_ref(), load),
         Err(e) => (
             Route::PassThrough(plan::PassReason::new("catalog", format!("catalog: {e}"))),
             vec![],
@@ -473,7 +491,7 @@ pub fn cached_route(
         )));
     }
     let tables = cached_table_set(env, login, candidate)?;
-    Some(route_with(env, status, candidate, tables.as_ref()).0)
+    Some(route_with(env, status, candidate, tables.as_ref(), false).0)
 }
 
 fn route_with(
@@ -481,6 +499,7 @@ fn route_with(
     status: u8,
     candidate: &plan::Candidate,
     tables: Option<&TableSet>,
+    load: bool,
 ) -> (Route, Vec<usize>) {
     let Some(tables) = tables else {
         return (
@@ -496,10 +515,13 @@ fn route_with(
         .filter(|b| b.index == 0 || status == b'I')
         .map(|b| b.index)
         .collect();
-    let slots = usable
-        .iter()
-        .map(|i| env.pools.backends[*i].capacity())
-        .sum();
+    let pools: Vec<&Arc<crate::backends::pool::BackendPool>> =
+        usable.iter().map(|i| &env.pools.backends[*i]).collect();
+    let slots = if load {
+        dispatch::available_slots(&pools, &env.config.fanout)
+    } else {
+        pools.iter().map(|p| p.capacity()).sum()
+    };
     let route = plan::plan_shared(candidate, tables, &env.config.fanout, slots);
     let n = match &route {
         Route::FanOut(p) => p.fragments.len(),
@@ -591,7 +613,7 @@ where
 {
     let simple = matches!(request, Request::Simple);
     // the assignment is what EXPLAIN shows; a run assigns after the replicas' lag check
-    let (route, assignment) = route_for(env, login, status, candidate).await;
+    let (route, assignment) = route_for(env, login, status, candidate, !candidate.explain).await;
     if candidate.explain {
         let lines = explain_lines(env, &route, &assignment);
         let mut out = BytesMut::new();
@@ -740,27 +762,49 @@ where
     if let Some(formats) = ordered_formats {
         fragment_params.result_formats = formats;
     }
-    let jobs: Vec<FragmentJob> = plan
-        .fragments
-        .iter()
-        .enumerate()
-        .map(|(index, fsql)| FragmentJob {
-            index,
-            backend: servers[index % servers.len()].0.clone(),
-            setup: servers[index % servers.len()].1.clone(),
-            sql: fsql.clone(),
-            param_types: param_types.clone(),
-            params: fragment_params.clone(),
-        })
-        .collect();
+    let delivery = match &plan.merge {
+        MergeSpec::Ordered { .. } => Delivery::Ordered,
+        MergeSpec::Concat { .. } => Delivery::Stream,
+        MergeSpec::Combine(_) => Delivery::Reduced,
+    };
+    let spec = QuerySpec {
+        fragments: plan
+            .fragments
+            .iter()
+            .zip(&plan.pages)
+            .map(|(sql, pages)| dispatch::Fragment {
+                sql: sql.clone(),
+                pages: *pages,
+            })
+            .collect(),
+        servers: servers
+            .into_iter()
+            .map(|(pool, setup)| dispatch::Server { pool, setup })
+            .collect(),
+        param_types: param_types.clone(),
+        params: fragment_params,
+        login: login.clone(),
+        query_id,
+        delivery,
+    };
+    let Some(running) = dispatch::start(spec, &env.config.fanout).await else {
+        if simple {
+            pinned.sync(client).await?;
+        }
+        let reason = plan::PassReason::new("pool_busy", "fewer than 2 fragment connections free");
+        return Ok(passthrough(session_id, query_id, &reason));
+    };
     info!(
         session = session_id,
         query = query_id,
-        fragments = jobs.len(),
+        fragments = plan.fragments.len(),
+        workers = ?running.workers,
         split = %plan.split.describe(),
         table = %plan.table,
         "fan-out"
     );
+    // the fragments stop when the merge drops its streams, or at the latest here
+    let (events, _stop) = running.into_parts();
     let total = plan.fragments.len();
     // the exporting transactions end once the merge is over
     let _replicas = ReleaseOnDrop(replicas);
@@ -772,12 +816,8 @@ where
             limit,
             offset,
         } => {
-            let Some(streams) = dispatch::run_each(jobs, login.clone(), query_id).await else {
-                if simple {
-                    pinned.sync(client).await?;
-                }
-                let reason = plan::PassReason::new("pool_busy", "fragment slots not free");
-                return Ok(passthrough(session_id, query_id, &reason));
+            let Events::Each(streams) = events else {
+                return Err(Fail::Backend);
             };
             let merge = OrderedMerge::new(keys.clone(), *visible, total);
             let ctx = MergeContext {
@@ -790,7 +830,9 @@ where
             merge_ordered(ctx, merge, streams, concat, pinned, client, interrupt).await
         }
         MergeSpec::Concat { limit, offset } => {
-            let mut events = dispatch::run(jobs, login.clone(), query_id);
+            let Events::Shared(mut events) = events else {
+                return Err(Fail::Backend);
+            };
             let mut concat = Concat::new(*limit, *offset);
             let mut rows = RowsOut::new(MergeContext {
                 session_id,
@@ -821,9 +863,16 @@ where
                         // rows go out as soon as no more are waiting
                         rows.flush(client, events.is_empty()).await?;
                     }
-                    FragmentEvent::Failed { error, cause, .. } => {
+                    FragmentEvent::Failed {
+                        error,
+                        cause,
+                        conclusive,
+                        ..
+                    } => {
                         drop(events);
-                        return rows.fragment_failed(error, cause, pinned, client).await;
+                        return rows
+                            .fragment_failed(error, cause, conclusive, pinned, client)
+                            .await;
                     }
                 }
             }
@@ -831,7 +880,9 @@ where
             rows.finish(concat.sent, pinned, client).await
         }
         MergeSpec::Combine(spec) => {
-            let mut events = dispatch::run(jobs, login.clone(), query_id);
+            let Events::Shared(mut events) = events else {
+                return Err(Fail::Backend);
+            };
             let mut partial = PartialRows::default();
             let mut done = 0;
             let mut failure = None;
@@ -860,6 +911,15 @@ where
                         }
                     }
                     FragmentEvent::Done { .. } => done += 1,
+                    FragmentEvent::Failed {
+                        error: Some(error),
+                        conclusive: true,
+                        ..
+                    } => {
+                        drop(events);
+                        let e = protocol::strip_error_position(&error);
+                        return answer_error(pinned, client, simple, &[], e).await;
+                    }
                     FragmentEvent::Failed { cause, .. } => {
                         failure = Some(plan::PassReason::new("fragment_failed", cause));
                         break;
@@ -1099,11 +1159,13 @@ impl<'a> RowsOut<'a> {
     }
 
     /// A fragment failed: before any row, the statement passes through (PostgreSQL's own
-    /// answer); after, the client gets the fragment's error.
+    /// answer) unless the error is `conclusive`; after, the client gets the fragment's
+    /// error.
     async fn fragment_failed<R, W, C>(
         self,
         error: Option<BytesMut>,
         cause: String,
+        conclusive: bool,
         pinned: &mut Pinned<'_, R, W>,
         client: &mut C,
     ) -> Result<Outcome, Fail>
@@ -1114,7 +1176,7 @@ impl<'a> RowsOut<'a> {
     {
         let ctx = &self.ctx;
         debug!(session = ctx.session_id, query = ctx.query_id, cause = %cause, "fragment failed");
-        if !self.started {
+        if !self.started && !conclusive {
             if ctx.simple {
                 pinned.sync(client).await?;
             }
@@ -1216,17 +1278,26 @@ where
                         None => expected = types,
                         Some(e) if Some(e) == types.as_ref() => {}
                         Some(_) => {
-                            break Some((None, "fragments describe different columns".into()))
+                            break Some((
+                                None,
+                                "fragments describe different columns".into(),
+                                false,
+                            ))
                         }
                     }
                     if !expected.as_deref().is_some_and(|t| merge.accepts(t)) {
-                        break Some((None, "fragment columns differ from the plan".into()));
+                        break Some((None, "fragment columns differ from the plan".into(), false));
                     }
                 }
                 Some(FragmentEvent::Row { message, .. }) => merge.push(i, message),
                 Some(FragmentEvent::Done { .. }) => merge.finish(i),
-                Some(FragmentEvent::Failed { error, cause, .. }) => break Some((error, cause)),
-                None => break Some((None, "fragment stream ended".into())),
+                Some(FragmentEvent::Failed {
+                    error,
+                    cause,
+                    conclusive,
+                    ..
+                }) => break Some((error, cause, conclusive)),
+                None => break Some((None, "fragment stream ended".into(), false)),
             }
             continue;
         }
@@ -1244,7 +1315,10 @@ where
     // stops every fragment still running
     drop(streams);
     match failure {
-        Some((error, cause)) => rows.fragment_failed(error, cause, pinned, client).await,
+        Some((error, cause, conclusive)) => {
+            rows.fragment_failed(error, cause, conclusive, pinned, client)
+                .await
+        }
         None => rows.finish(concat.sent, pinned, client).await,
     }
 }

@@ -110,6 +110,13 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
             session::record_parked(&pruner);
         }
     });
+    if ctx.config.fanout.enabled {
+        crate::backends::health::spawn(
+            ctx.fanout.pools.clone(),
+            ctx.config.fanout.health_check_interval,
+            ctx.config.fanout.ban_after_failures,
+        );
+    }
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, primary = %ctx.config.primary().url.address(), "pgfan listening");
     }
