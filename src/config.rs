@@ -295,7 +295,7 @@ impl Default for FanoutConfig {
         FanoutConfig {
             enabled: true,
             min_fragment_pages: 1024,
-            max_fragments: 8,
+            max_fragments: 16,
             max_replica_lag_bytes: 0,
             catalog_ttl: std::time::Duration::from_secs(60),
             split_columns: Vec::new(),
