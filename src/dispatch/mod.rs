@@ -256,9 +256,10 @@ fn grant(servers: &[Server], fragments: usize) -> Vec<(usize, OwnedSemaphorePerm
     out
 }
 
-/// One slot per fragment, fragment i on server `i % servers` among the healthy ones,
-/// reserved backend by backend in index order (no two queries wait on each other in a
-/// cycle). Returns the slots and each fragment's server.
+/// One slot per fragment, dealt round the healthy servers (skipping a server once it
+/// has as many as it has free slots, when all together have enough), reserved backend by
+/// backend in index order (no two queries wait on each other in a cycle). Returns the
+/// slots and each fragment's server.
 async fn reserve_each(
     servers: &[Server],
     fragments: usize,
@@ -269,7 +270,20 @@ async fn reserve_each(
     if healthy.is_empty() {
         return None;
     }
-    let assignment: Vec<usize> = (0..fragments).map(|i| healthy[i % healthy.len()]).collect();
+    let free: Vec<usize> = servers.iter().map(|s| s.pool.free_slots()).collect();
+    let enough = healthy.iter().map(|s| free[*s]).sum::<usize>() >= fragments;
+    let mut counts = vec![0; servers.len()];
+    let mut assignment = Vec::with_capacity(fragments);
+    let mut turn = 0;
+    while assignment.len() < fragments {
+        let s = healthy[turn % healthy.len()];
+        turn += 1;
+        if enough && counts[s] >= free[s] {
+            continue;
+        }
+        counts[s] += 1;
+        assignment.push(s);
+    }
     let mut order: Vec<usize> = healthy.clone();
     order.sort_by_key(|s| servers[*s].pool.index);
     let mut out = Vec::with_capacity(fragments);
