@@ -185,23 +185,31 @@ pub fn cstrings(body: &[u8]) -> impl Iterator<Item = &[u8]> {
     body.split(|b| *b == 0).filter(|s| !s.is_empty())
 }
 
+/// The fields of an ErrorResponse or NoticeResponse body, as (type byte, value).
+pub fn error_fields(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        let (&field, tail) = rest.split_first()?;
+        if field == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+        Some((field, &tail[..end]))
+    })
+}
+
 /// Reads the SQLSTATE (`C` field) and message (`M` field) from an ErrorResponse body.
 pub fn error_code_and_message(body: &[u8]) -> (Option<String>, Option<String>) {
     let mut code = None;
     let mut message = None;
-    let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
-        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+    for (field, value) in error_fields(body) {
+        let value = String::from_utf8_lossy(value).into_owned();
         match field {
             b'C' => code = Some(value),
             b'M' => message = Some(value),
             _ => {}
         }
-        rest = tail.get(end + 1..).unwrap_or(&[]);
     }
     (code, message)
 }

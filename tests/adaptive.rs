@@ -36,7 +36,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -48,8 +47,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use common::{
-    cluster, connect_primary, create_database, drop_database, output_within, pg_tool, show,
-    wait_for_replicas, Pgfan,
+    cluster, connect_primary, create_database, drop_database, output_within, pg_tool, samples,
+    scrape, show, wait_for_replicas, Pgfan,
 };
 
 /// The tests of this file run one at a time (see the module comment).
@@ -178,45 +177,6 @@ async fn fanout_fragments(client: &Client, pgfan: &Pgfan, sql: &str) -> usize {
             lines.join("\n")
         ),
     }
-}
-
-/// pgfan's Prometheus page.
-async fn scrape(pgfan: &Pgfan) -> String {
-    let port = pgfan.metrics_port;
-    tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("connect to metrics port {port}: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("set_read_timeout");
-        s.write_all(
-            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAccept: */*\r\n\r\n",
-        )
-        .expect("send HTTP request");
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).expect("read HTTP response");
-        let text = String::from_utf8(buf).expect("utf8 response");
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .unwrap_or_else(|| panic!("no HTTP header end in {text:?}"));
-        assert!(
-            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-            "metrics status: {head}"
-        );
-        body.to_string()
-    })
-    .await
-    .expect("scrape task")
-}
-
-/// Samples of a Prometheus text page: `name{labels}` -> value.
-fn samples(page: &str) -> BTreeMap<String, f64> {
-    page.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
 }
 
 /// The value of `name` with label `label="value"` (summed over any other labels), or

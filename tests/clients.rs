@@ -10,11 +10,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::wire::{Batch, ConnectError, ConnectOptions, Msg, WireClient};
-use common::{cluster, connect_primary, create_database, drop_database, Pgfan};
+use common::{cluster, connect_primary, create_database, drop_database, samples, scrape, Pgfan};
 use futures::StreamExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
@@ -200,44 +199,6 @@ async fn wait_pid_gone(direct: &tokio_postgres::Client, pid: i32, limit: Duratio
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// GET /metrics over a plain TcpStream.
-async fn scrape(pgfan: &Pgfan) -> String {
-    let port = pgfan.metrics_port;
-    tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("connect to metrics port {port}: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(
-            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAccept: */*\r\n\r\n",
-        )
-        .expect("send HTTP request");
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).expect("read HTTP response");
-        let text = String::from_utf8(buf).expect("utf8 response");
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .unwrap_or_else(|| panic!("no HTTP header end in {text:?}"));
-        assert!(
-            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-            "metrics status: {head}"
-        );
-        body.to_string()
-    })
-    .await
-    .expect("scrape task")
-}
-
-/// Samples of a Prometheus text page: `name{labels}` -> value.
-fn samples(page: &str) -> BTreeMap<String, f64> {
-    page.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -244,15 +244,25 @@ impl BackendPool {
         });
         self.closed(expired);
         match reused {
-            Some((conn, buf)) => Ok(PooledConnection {
-                conn: Some(conn),
-                buf,
-                broken: false,
-                key: key.clone(),
-                pool: self.clone(),
-                _permit: permit,
-            }),
+            Some((conn, buf)) => Ok(self.checked_out(conn, buf, key, permit)),
             None => Err(permit),
+        }
+    }
+
+    fn checked_out(
+        self: &Arc<Self>,
+        conn: BackendConnection,
+        buf: BytesMut,
+        key: &LoginKey,
+        permit: OwnedSemaphorePermit,
+    ) -> PooledConnection {
+        PooledConnection {
+            conn: Some(conn),
+            buf,
+            broken: false,
+            key: key.clone(),
+            pool: self.clone(),
+            _permit: permit,
         }
     }
 
@@ -285,14 +295,7 @@ impl BackendPool {
         metrics::gauge!(crate::metrics::BACKEND_FRAGMENT_CONNECTIONS, "backend" => self.config.name.clone())
             .set(n as f64);
         let buf = conn.pending.clone();
-        Ok(PooledConnection {
-            conn: Some(conn),
-            buf,
-            broken: false,
-            key: key.clone(),
-            pool: self.clone(),
-            _permit: permit,
-        })
+        Ok(self.checked_out(conn, buf, key, permit))
     }
 
     /// The login of the latest checkout (health checks log in as it).

@@ -112,10 +112,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSem
                     debug!(query = shared.spec.query_id, backend = %pool.config.name, %cause, "fragment connection failed");
                     pool.stats.fragment_failed(true, shared.ban_after);
                     shared.with_board(|b| b.server_failed(server));
-                    match move_elsewhere(&shared, server).await {
-                        Some((s, p)) => {
-                            server = s;
-                            slot = Slot::Free(p);
+                    match move_elsewhere(&shared, &mut server).await {
+                        Some(s) => {
+                            slot = s;
                             continue;
                         }
                         None => break,
@@ -128,10 +127,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSem
             Taken::Done => break,
             Taken::Move => {
                 drop(conn);
-                match move_elsewhere(&shared, server).await {
-                    Some((s, p)) => {
-                        server = s;
-                        slot = Slot::Free(p);
+                match move_elsewhere(&shared, &mut server).await {
+                    Some(s) => {
+                        slot = s;
                         continue;
                     }
                     None => {
@@ -186,10 +184,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSem
         }
         if connection_failed {
             drop(conn);
-            match move_elsewhere(&shared, server).await {
-                Some((s, p)) => {
-                    server = s;
-                    slot = Slot::Free(p);
+            match move_elsewhere(&shared, &mut server).await {
+                Some(s) => {
+                    slot = s;
                     continue;
                 }
                 None => break,
@@ -322,11 +319,13 @@ async fn connect(
         .map_err(|e| e.to_string())
 }
 
-/// After a connection failure: a slot on another server that still has work for it.
-async fn move_elsewhere(shared: &Shared, from: usize) -> Option<(usize, OwnedSemaphorePermit)> {
-    let (to, permit) = find_slot(shared, from).await?;
+/// After a connection failure: a slot on another server that still has work for it;
+/// `server` becomes that server.
+async fn move_elsewhere(shared: &Shared, server: &mut usize) -> Option<Slot> {
+    let (to, permit) = find_slot(shared, *server).await?;
+    let from = std::mem::replace(server, to);
     shared.with_board(|b| b.worker_moved(from, to));
-    Some((to, permit))
+    Some(Slot::Free(permit))
 }
 
 async fn find_slot(shared: &Shared, from: usize) -> Option<(usize, OwnedSemaphorePermit)> {
@@ -432,23 +431,11 @@ async fn attempt(
 /// PANIC, a connection exception (08), or an operator intervention that ends sessions
 /// (57P01-57P03: shutdown, crash, cannot connect now).
 fn connection_error(body: &[u8]) -> bool {
-    let mut severity = None;
-    let mut code = None;
-    let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
-        match field {
-            b'V' => severity = Some(&tail[..end]),
-            b'C' => code = Some(&tail[..end]),
-            _ => {}
-        }
-        rest = tail.get(end + 1..).unwrap_or(&[]);
-    }
-    matches!(severity, Some(b"FATAL") | Some(b"PANIC"))
-        || code.is_some_and(|c| c.starts_with(b"08") || matches!(c, b"57P01" | b"57P02" | b"57P03"))
+    protocol::error_fields(body).any(|(field, value)| match field {
+        b'V' => matches!(value, b"FATAL" | b"PANIC"),
+        b'C' => value.starts_with(b"08") || matches!(value, b"57P01" | b"57P02" | b"57P03"),
+        _ => false,
+    })
 }
 
 async fn run_fragment(

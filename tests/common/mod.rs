@@ -14,7 +14,7 @@ pub mod diff;
 pub mod wire;
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -575,4 +575,43 @@ pub async fn query_i64(client: &tokio_postgres::Client, sql: &str) -> i64 {
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .get(0)
+}
+
+/// pgfan's Prometheus page (GET /metrics over a plain TcpStream).
+pub async fn scrape(pgfan: &Pgfan) -> String {
+    let port = pgfan.metrics_port;
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("connect to metrics port {port}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set_read_timeout");
+        s.write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAccept: */*\r\n\r\n",
+        )
+        .expect("send HTTP request");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).expect("read HTTP response");
+        let text = String::from_utf8(buf).expect("utf8 response");
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP header end in {text:?}"));
+        assert!(
+            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+            "metrics status: {head}"
+        );
+        body.to_string()
+    })
+    .await
+    .expect("scrape task")
+}
+
+/// Samples of a Prometheus text page: `name{labels}` -> value.
+pub fn samples(page: &str) -> std::collections::BTreeMap<String, f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
