@@ -224,17 +224,19 @@ pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
 }
 
 /// Slots for a queue-fed query: one at a time round the servers (so each gets its share
-/// while slots last), each server at most its fair share, all together at most one per
-/// fragment. Banned backends get none.
+/// while slots last), each server at most its fair share (half of it for a slow one), all
+/// together at most one per fragment. Banned backends get none.
 fn grant(servers: &[Server], fragments: usize) -> Vec<(usize, OwnedSemaphorePermit)> {
+    // a backend much slower than the fastest gets half its share: its connections would
+    // mostly wait for its CPU, and the work it does not take goes to the faster ones
+    let slow = slow_servers(servers);
     let shares: Vec<usize> = servers
         .iter()
-        .map(|s| {
-            if s.pool.stats.view().banned {
-                0
-            } else {
-                fair_share(&s.pool)
-            }
+        .zip(&slow)
+        .map(|(s, slow)| match (s.pool.stats.view().banned, slow) {
+            (true, _) => 0,
+            (false, true) => fair_share(&s.pool).div_ceil(2),
+            (false, false) => fair_share(&s.pool),
         })
         .collect();
     let mut out: Vec<(usize, OwnedSemaphorePermit)> = Vec::new();
