@@ -22,7 +22,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 pub use board::Delivery;
 
 use crate::backends::pool::{BackendPool, LoginKey};
-use crate::config::{DispatchMode, FanoutConfig};
+use crate::config::{BackendRole, DispatchMode, FanoutConfig};
 use crate::protocol::BindParams;
 
 /// Events per channel slot: bounded, so memory does not grow with the result.
@@ -132,16 +132,26 @@ impl Running {
     }
 }
 
-/// Fragment connections a query could get now on `pools`: per backend, what is free, at
-/// most its fair share among the queries running there (at least 2, so the newest query
-/// still fans out while slots are free). Static dispatch ignores load.
-pub fn available_slots(pools: &[&Arc<BackendPool>], cfg: &FanoutConfig) -> usize {
+/// Fragment connections a query could get on `pools`: with `load`, what is free now,
+/// per backend at most its fair share among the queries running there (at least 2, so
+/// the newest query still fans out while slots are free); without, the budgets (what an
+/// idle pgfan would use; static dispatch always plans so). A replica's snapshot takes one
+/// of its connections for the whole query, so it is not counted.
+pub fn available_slots(pools: &[&Arc<BackendPool>], cfg: &FanoutConfig, load: bool) -> usize {
     pools
         .iter()
         .filter(|p| !p.stats.view().banned)
-        .map(|p| match cfg.dispatch {
-            DispatchMode::Static => p.capacity(),
-            DispatchMode::Adaptive => p.free_slots().min(fair_share(p)),
+        .map(|p| {
+            let n = if load && cfg.dispatch == DispatchMode::Adaptive {
+                p.free_slots().min(fair_share(p))
+            } else {
+                p.capacity()
+            };
+            if p.config.role == BackendRole::Replica {
+                n.saturating_sub(1)
+            } else {
+                n
+            }
         })
         .sum()
 }

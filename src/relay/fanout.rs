@@ -517,11 +517,7 @@ fn route_with(
         .collect();
     let pools: Vec<&Arc<crate::backends::pool::BackendPool>> =
         usable.iter().map(|i| &env.pools.backends[*i]).collect();
-    let slots = if load {
-        dispatch::available_slots(&pools, &env.config.fanout)
-    } else {
-        pools.iter().map(|p| p.capacity()).sum()
-    };
+    let slots = dispatch::available_slots(&pools, &env.config.fanout, load);
     let route = plan::plan_shared(candidate, tables, &env.config.fanout, slots);
     let n = match &route {
         Route::FanOut(p) => p.fragments.len(),
