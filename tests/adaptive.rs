@@ -47,8 +47,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use common::{
-    cluster, connect_primary, create_database, drop_database, output_within, pg_tool, samples,
-    scrape, show, wait_for_replicas, Pgfan,
+    cluster, connect_pgfan, connect_primary, create_database, drop_database, field, output_within,
+    pg_tool, samples, scrape, show, wait_for_replicas, Pgfan,
 };
 
 /// The tests of this file run one at a time (see the module comment).
@@ -93,18 +93,6 @@ fn config(top: &str, replicas: &[&str], pool_size: usize, fanout: &str) -> Strin
     text.push_str("[fanout]\n");
     text.push_str(fanout);
     text
-}
-
-/// A tokio-postgres client through pgfan.
-async fn connect_pgfan(pgfan: &Pgfan, db: &str) -> Client {
-    let url = pgfan.url(db);
-    let (client, conn) = tokio_postgres::connect(&url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect through pgfan {url}: {e}\n{}", pgfan.log_tail()));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
 }
 
 /// A tokio-postgres client for a server URL of the cluster.
@@ -712,16 +700,6 @@ async fn replica_dies() {
 const AGG_SQL: &str = "SELECT bid, count(*), sum(abalance) FROM pgbench_accounts GROUP BY bid";
 /// Fragment connections per backend.
 const BUDGET: i64 = 4;
-
-/// The integer after `label` on the line that starts with it.
-fn field(stdout: &str, label: &str) -> Option<u64> {
-    stdout.lines().find_map(|l| {
-        l.trim()
-            .strip_prefix(label)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-    })
-}
 
 /// Polls every server's `pg_stat_activity` every 200 ms until `stop`; returns the most
 /// `pgfan fragment` connections of `db` seen at once on each server and the poll count.

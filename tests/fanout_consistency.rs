@@ -32,27 +32,16 @@ use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::types::{FromSql, Type};
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use common::{
-    connect_primary, create_database, drop_database, fanout_config_toml, query_i64, Pgfan,
+    connect_pgfan, connect_primary, create_database, drop_database, fanout_config_toml, query_i64,
+    Pgfan,
 };
 
 // ---------------------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------------------
-
-/// A tokio-postgres client through pgfan (or the primary in direct mode).
-async fn connect_pgfan(pgfan: &Pgfan, db: &str) -> Client {
-    let url = pgfan.url(db);
-    let (client, conn) = tokio_postgres::connect(&url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect through pgfan {url}: {e}\n{}", pgfan.log_tail()));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
 
 /// The text rows of a simple query.
 async fn simple_rows(client: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {

@@ -13,7 +13,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::{
-    connect_primary, create_database, drop_database, output_within, pg_tool, query_i64, show, Pgfan,
+    connect_primary, create_database, drop_database, field, output_within, pg_tool, query_i64,
+    show, Pgfan,
 };
 
 /// Runs pgbench against pgfan on `port`, database `db`, bounded by `limit`.
@@ -23,16 +24,6 @@ async fn pgbench(port: u16, db: &str, args: &[&str], limit: Duration) -> Output 
         .args(args)
         .arg(db);
     output_within(cmd, limit, &format!("pgbench {args:?}")).await
-}
-
-/// The integer after `label` on the line that starts with it.
-fn field(stdout: &str, label: &str) -> Option<u64> {
-    stdout.lines().find_map(|l| {
-        l.trim()
-            .strip_prefix(label)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-    })
 }
 
 async fn run_mode(mode: &str) {

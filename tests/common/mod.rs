@@ -615,3 +615,25 @@ pub fn samples(page: &str) -> std::collections::BTreeMap<String, f64> {
         })
         .collect()
 }
+
+/// A tokio-postgres client through pgfan (or the primary in direct mode).
+pub async fn connect_pgfan(pgfan: &Pgfan, db: &str) -> tokio_postgres::Client {
+    let url = pgfan.url(db);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect through pgfan {url}: {e}\n{}", pgfan.log_tail()));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// The integer after `label` on the line that starts with it.
+pub fn field(stdout: &str, label: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(label)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+    })
+}
