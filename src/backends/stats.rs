@@ -53,15 +53,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Counts a query as active on the backend until dropped.
-pub struct ActiveQuery<'a>(&'a BackendStats);
-
-impl Drop for ActiveQuery<'_> {
-    fn drop(&mut self) {
-        self.0.active_queries.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl BackendStats {
     /// Statistics for the backend called `name`, exported as healthy.
     pub fn new(name: &str) -> Self {
@@ -105,10 +96,14 @@ impl BackendStats {
         self.active_queries.load(Ordering::Relaxed)
     }
 
-    /// Marks a query active here until the guard drops.
-    pub fn query_started(&self) -> ActiveQuery<'_> {
+    /// A query got fragment connections here.
+    pub fn query_began(&self) {
         self.active_queries.fetch_add(1, Ordering::Relaxed);
-        ActiveQuery(self)
+    }
+
+    /// A query that [began](Self::query_began) here is over.
+    pub fn query_ended(&self) {
+        self.active_queries.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Marks a fragment running until the guard drops.

@@ -199,6 +199,10 @@ pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
         (vec![tx], Events::Shared(rx))
     };
     let slow = slow_servers(&spec.servers);
+    let present_on: Vec<usize> = (0..workers.len()).filter(|s| workers[*s] > 0).collect();
+    for s in &present_on {
+        spec.servers[*s].pool.stats.query_began();
+    }
     let shared = Arc::new(worker::Shared {
         spec,
         board: std::sync::Mutex::new(board),
@@ -212,6 +216,7 @@ pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
         started: Instant::now(),
         slow_start: cfg.slow_start,
         move_wait: RESERVE_WAIT,
+        present_on: present_on.clone(),
     });
     if let Ok(mut b) = shared.board.lock() {
         for (server, _) in &grants {
@@ -220,11 +225,7 @@ pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
     }
     for (server, permit) in grants {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let pool = shared.spec.servers[server].pool.clone();
-            let _active = pool.stats.query_started();
-            worker::run(shared, server, permit).await;
-        });
+        tokio::spawn(worker::run(shared, server, permit));
     }
     Some(Running {
         events,

@@ -37,6 +37,19 @@ pub(super) struct Shared {
     pub slow_start: Duration,
     /// Moving to another server may wait this long for a slot.
     pub move_wait: Duration,
+    /// The servers this query counts as running on (fair shares) until it is dropped,
+    /// when its last worker leaves.
+    pub present_on: Vec<usize>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for s in &self.present_on {
+            if let Some(server) = self.spec.servers.get(*s) {
+                server.pool.stats.query_ended();
+            }
+        }
+    }
 }
 
 impl Shared {
