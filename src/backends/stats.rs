@@ -37,8 +37,6 @@ struct Moving {
 pub struct StatsView {
     /// EWMA of one fragment connection's pages per second; `None` before any fragment.
     pub pages_per_second: Option<f64>,
-    /// EWMA of fragment latency in seconds.
-    pub latency: Option<f64>,
     /// Banned: left out of new queries until a health check succeeds.
     pub banned: bool,
 }
@@ -75,15 +73,9 @@ impl BackendStats {
             .lock()
             .map(|s| StatsView {
                 pages_per_second: s.pages_per_second,
-                latency: s.latency,
                 banned: s.banned,
             })
             .unwrap_or_default()
-    }
-
-    /// Fragments running now.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Fragments that completed here since start.

@@ -167,11 +167,12 @@ fn fair_share(p: &BackendPool) -> usize {
 pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
     let n = spec.fragments.len();
     let all_at_once = spec.delivery == Delivery::Ordered || cfg.dispatch == DispatchMode::Static;
+    let slow = slow_servers(&spec.servers);
     let (grants, pinned) = if all_at_once {
         let (g, p) = reserve_each(&spec.servers, n).await?;
         (g, (cfg.dispatch == DispatchMode::Static).then_some(p))
     } else {
-        (grant(&spec.servers, n), None)
+        (grant(&spec.servers, &slow, n), None)
     };
     if grants.len() < 2 {
         return None;
@@ -198,7 +199,6 @@ pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         (vec![tx], Events::Shared(rx))
     };
-    let slow = slow_servers(&spec.servers);
     let present_on: Vec<usize> = (0..workers.len()).filter(|s| workers[*s] > 0).collect();
     for s in &present_on {
         spec.servers[*s].pool.stats.query_began();
@@ -215,8 +215,7 @@ pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
         opened: std::sync::atomic::AtomicUsize::new(0),
         started: Instant::now(),
         slow_start: cfg.slow_start,
-        move_wait: RESERVE_WAIT,
-        present_on: present_on.clone(),
+        present_on,
     });
     if let Ok(mut b) = shared.board.lock() {
         for (server, _) in &grants {
@@ -237,13 +236,16 @@ pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
 /// Slots for a queue-fed query: one at a time round the servers (so each gets its share
 /// while slots last), each server at most its fair share (half of it for a slow one), all
 /// together at most one per fragment. Banned backends get none.
-fn grant(servers: &[Server], fragments: usize) -> Vec<(usize, OwnedSemaphorePermit)> {
+fn grant(
+    servers: &[Server],
+    slow: &[bool],
+    fragments: usize,
+) -> Vec<(usize, OwnedSemaphorePermit)> {
     // a backend much slower than the fastest gets half its share: its connections would
     // mostly wait for its CPU, and the work it does not take goes to the faster ones
-    let slow = slow_servers(servers);
     let shares: Vec<usize> = servers
         .iter()
-        .zip(&slow)
+        .zip(slow)
         .map(|(s, slow)| match (s.pool.stats.view().banned, slow) {
             (true, _) => 0,
             (false, true) => fair_share(&s.pool).div_ceil(2),

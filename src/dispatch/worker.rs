@@ -35,8 +35,6 @@ pub(super) struct Shared {
     pub opened: std::sync::atomic::AtomicUsize,
     pub started: Instant,
     pub slow_start: Duration,
-    /// Moving to another server may wait this long for a slot.
-    pub move_wait: Duration,
     /// The servers this query counts as running on (fair shares) until it is dropped,
     /// when its last worker leaves.
     pub present_on: Vec<usize>,
@@ -206,8 +204,10 @@ pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSem
             }
         }
         slot = if broken {
-            let permit = drop_connection(conn, &shared, server);
-            match permit {
+            // closing the connection frees its slot: the worker goes on only if it gets
+            // one again
+            drop(conn);
+            match pool.try_reserve() {
                 Some(p) => Slot::Free(p),
                 None => break,
             }
@@ -240,17 +240,6 @@ enum Taken {
 enum Slot {
     Free(OwnedSemaphorePermit),
     Conn(Box<PooledConnection>),
-}
-
-/// A broken connection is closed; the worker needs a fresh slot on the same server to go
-/// on (the old one is released with the connection).
-fn drop_connection(
-    conn: PooledConnection,
-    shared: &Shared,
-    server: usize,
-) -> Option<OwnedSemaphorePermit> {
-    drop(conn);
-    shared.spec.servers[server].pool.try_reserve()
 }
 
 /// Waits for the next ticket for `server`.
@@ -357,7 +346,7 @@ async fn find_slot(shared: &Shared, from: usize) -> Option<(usize, OwnedSemaphor
         if let Some(s) = candidates.first() {
             let p = shared.spec.servers[*s]
                 .pool
-                .reserve(1, shared.move_wait)
+                .reserve(1, super::RESERVE_WAIT)
                 .await?;
             return Some((*s, p));
         }
