@@ -219,6 +219,8 @@ pub struct Config {
     pub force_trust: bool,
     /// Client connections beyond this get SQLSTATE 53300.
     pub max_client_connections: usize,
+    /// Threads that run client sessions, each its own single-threaded event loop.
+    pub session_threads: usize,
     /// Backend servers; exactly one primary.
     pub backends: Vec<BackendConfig>,
     /// Known users.
@@ -336,6 +338,7 @@ struct RawConfig {
     auth: Option<Spanned<AuthMethod>>,
     force_trust: Option<bool>,
     max_client_connections: Option<Spanned<i64>>,
+    session_threads: Option<Spanned<i64>>,
     #[serde(default)]
     backends: Vec<RawBackend>,
     #[serde(default)]
@@ -512,6 +515,17 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
         }
         Some(v) => *v.get_ref() as usize,
         None => 1000,
+    };
+    let session_threads = match &raw.session_threads {
+        Some(v) if !(0..=1024).contains(v.get_ref()) => {
+            return Err(src.invalid(
+                Some(v.span()),
+                "session_threads",
+                "must be between 0 (one per CPU) and 1024".into(),
+            ))
+        }
+        Some(v) if *v.get_ref() > 0 => *v.get_ref() as usize,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
 
     let mut backends = Vec::new();
@@ -739,6 +753,7 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
         auth,
         force_trust,
         max_client_connections,
+        session_threads,
         backends,
         users,
         tls,

@@ -129,7 +129,13 @@ fn main() -> ExitCode {
             }
         };
         tokio::select! {
-            _ = server::serve(listener, ctx) => ExitCode::SUCCESS,
+            r = server::serve(listener, ctx) => match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgfan: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted, shutting down");
                 ExitCode::SUCCESS

@@ -6,40 +6,149 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::literals;
 use super::rewrite::{self, Shape};
 use super::{Candidate, PassReason, TableInfo, TableSet};
 use crate::config::FanoutConfig;
 
-/// Entries before the statement cache starts over (texts with literals never repeat, so
-/// a full cache is mostly such texts).
+/// Entries of each statement map before it starts over (a full map is mostly texts that
+/// never repeat).
 const MAX_STATEMENTS: usize = 4096;
 /// Longer texts are parsed every time rather than kept.
 const MAX_TEXT: usize = 16 << 10;
 
-/// Parsed statements by their text, shared by every session.
+type Parsed = Result<Arc<Candidate>, PassReason>;
+
+/// What is known of one literal-normalized shape.
+#[derive(Clone)]
+enum Template {
+    /// Its parse, with placeholders; putting a text's literals back gives that text's parse.
+    Trusted(Parsed),
+    /// Substitution did not reproduce the text's own parse: parse each text.
+    Untrusted,
+}
+
+/// Parsed statements, shared by every session: by text, and by literal-normalized shape
+/// for texts that carry their values as literals (see [`literals`]).
 #[derive(Default)]
 pub struct StatementCache {
-    entries: Mutex<HashMap<String, Result<Arc<Candidate>, PassReason>>>,
+    exact: Mutex<HashMap<String, Parsed>>,
+    shapes: Mutex<HashMap<String, Template>>,
+}
+
+fn remember<V>(map: &Mutex<HashMap<String, V>>, key: String, value: V) {
+    if let Ok(mut m) = map.lock() {
+        if m.len() >= MAX_STATEMENTS {
+            m.clear();
+        }
+        m.insert(key, value);
+    }
+}
+
+/// What the cache knows of one statement text.
+pub enum Lookup {
+    /// The text's candidate, or why it is none.
+    Parsed(Parsed),
+    /// The trusted template of the text's shape and the text's literals; [`Lookup::candidate`]
+    /// puts them together.
+    Template(Arc<Candidate>, Vec<literals::Literal>),
+}
+
+impl Lookup {
+    /// The shape's template, when the text has one (its route, for reasons that hold for
+    /// any literal, is the text's route without building the text's candidate).
+    pub fn template(&self) -> Option<&Arc<Candidate>> {
+        match self {
+            Lookup::Template(t, _) => Some(t),
+            Lookup::Parsed(_) => None,
+        }
+    }
+
+    /// The candidate of `sql`, the text this lookup was made for.
+    pub fn candidate(self, sql: &str) -> Parsed {
+        match self {
+            Lookup::Parsed(p) => p,
+            Lookup::Template(t, literals) => match fill(&t, &literals) {
+                Some(c) => Ok(Arc::new(c)),
+                None => Candidate::parse(sql).map(Arc::new),
+            },
+        }
+    }
 }
 
 impl StatementCache {
-    /// The candidate of `sql`, parsed once per distinct text.
-    pub fn parse(&self, sql: &str) -> Result<Arc<Candidate>, PassReason> {
+    /// The candidate of `sql`: parsed once per distinct text, or once per shape when the
+    /// text differs from others only in its literals.
+    pub fn parse(&self, sql: &str) -> Parsed {
+        self.lookup(sql).candidate(sql)
+    }
+
+    /// What is known of `sql`, parsing it (and its shape) when it is new.
+    pub fn lookup(&self, sql: &str) -> Lookup {
         if sql.len() > MAX_TEXT {
-            return Candidate::parse(sql).map(Arc::new);
+            return Lookup::Parsed(Candidate::parse(sql).map(Arc::new));
         }
-        if let Some(hit) = self.entries.lock().ok().and_then(|e| e.get(sql).cloned()) {
+        match literals::normalize(sql) {
+            Some(n) if !n.literals.is_empty() => self.lookup_shape(sql, n),
+            _ => Lookup::Parsed(self.parse_exact(sql)),
+        }
+    }
+
+    fn parse_exact(&self, sql: &str) -> Parsed {
+        if let Some(hit) = self.exact.lock().ok().and_then(|e| e.get(sql).cloned()) {
             return hit;
         }
         let parsed = Candidate::parse(sql).map(Arc::new);
-        if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= MAX_STATEMENTS {
-                entries.clear();
-            }
-            entries.insert(sql.to_string(), parsed.clone());
-        }
+        remember(&self.exact, sql.to_string(), parsed.clone());
         parsed
     }
+
+    fn lookup_shape(&self, sql: &str, n: literals::Normalized) -> Lookup {
+        let known = self.shapes.lock().ok().and_then(|m| m.get(&n.key).cloned());
+        match known {
+            Some(Template::Trusted(Ok(template))) => Lookup::Template(template, n.literals),
+            Some(Template::Trusted(Err(reason))) => Lookup::Parsed(Err(reason)),
+            Some(Template::Untrusted) => Lookup::Parsed(Candidate::parse(sql).map(Arc::new)),
+            None => {
+                // a new shape: trusted only if it reproduces this text's own parse
+                let own = Candidate::parse(sql);
+                let template = Candidate::parse(&n.key).map(|mut t| {
+                    t.literal_placeholders = true;
+                    t
+                });
+                let same = match (&template, &own) {
+                    (Ok(t), Ok(o)) => fill(t, &n.literals).is_some_and(|c| {
+                        c.query == o.query
+                            && c.relations == o.relations
+                            && c.explain == o.explain
+                            && c.holistic == o.holistic
+                    }),
+                    (Err(t), Err(o)) => t == o,
+                    _ => false,
+                };
+                let entry = if same {
+                    Template::Trusted(template.map(Arc::new))
+                } else {
+                    Template::Untrusted
+                };
+                remember(&self.shapes, n.key, entry);
+                Lookup::Parsed(own.map(Arc::new))
+            }
+        }
+    }
+}
+
+/// `template` with its placeholders replaced by `literals`.
+fn fill(template: &Candidate, literals: &[literals::Literal]) -> Option<Candidate> {
+    let mut query = template.query.clone();
+    literals::substitute(&mut query, literals).then(|| Candidate {
+        query,
+        relations: template.relations.clone(),
+        explain: template.explain,
+        holistic: template.holistic,
+        literal_placeholders: false,
+        shape: ShapeMemo::default(),
+    })
 }
 
 /// An analysis and the catalog entries it was made against.
@@ -93,5 +202,58 @@ impl Clone for ShapeMemo {
     /// A clone starts empty (it may be planned against other catalog entries).
     fn clone(&self) -> Self {
         ShapeMemo::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: &Parsed, b: &Result<Candidate, PassReason>) -> bool {
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                a.query == b.query
+                    && a.query.to_string() == b.query.to_string()
+                    && a.relations == b.relations
+                    && a.holistic == b.holistic
+                    && a.explain == b.explain
+            }
+            (Err(a), Err(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn texts_of_one_shape_get_their_own_parse() {
+        let cache = StatementCache::default();
+        for round in 0..3 {
+            for sql in [
+                format!("SELECT abalance FROM pgbench_accounts WHERE aid = {round}"),
+                format!(
+                    "select g, count(*) from t where s = 'v{round}' group by g order by 1 limit {}",
+                    round + 1
+                ),
+                // the template `varchar($1)` does not parse: each text is parsed itself
+                format!("select x::varchar({}) from t where y = {round}", round + 5),
+                // no FROM: passes through whatever the literal
+                format!("select {round}"),
+                format!("explain fanout select sum(x) from t where y > {round}"),
+            ] {
+                assert!(same(&cache.parse(&sql), &Candidate::parse(&sql)), "{sql}");
+            }
+        }
+        let shapes = cache.shapes.lock().unwrap();
+        assert!(matches!(
+            shapes.get("SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
+            Some(Template::Trusted(Ok(_)))
+        ));
+        assert!(matches!(
+            shapes.get("select $1"),
+            Some(Template::Trusted(Err(_)))
+        ));
+        assert!(matches!(
+            shapes.get("select x::varchar($1) from t where y = $2"),
+            Some(Template::Untrusted)
+        ));
     }
 }

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod catalog;
 pub mod from;
+pub mod literals;
 pub mod rewrite;
 pub mod split;
 
@@ -46,6 +47,24 @@ impl PassReason {
             label,
             detail: detail.into(),
         }
+    }
+}
+
+impl PassReason {
+    /// True when the reason, found for a shape's template, holds for every statement text
+    /// of the shape whatever its literals: a point lookup judged by the most frequent
+    /// value, and facts of the tables or of the load.
+    pub fn holds_for_any_literal(&self) -> bool {
+        matches!(
+            self.label,
+            "point_lookup"
+                | "unknown_table"
+                | "view"
+                | "not_table"
+                | "temporary"
+                | "no_slots"
+                | "disabled"
+        )
     }
 }
 
@@ -95,6 +114,10 @@ pub struct Candidate {
     /// ORDER BY inside, ordered-set, string_agg/array_agg…): it fans out only when every
     /// group lies within one fragment.
     pub holistic: bool,
+    /// A shape's template (see [`literals`]): its `$n` stand for the literals of the
+    /// statement texts that share it, so the planner judges a point lookup by the most
+    /// frequent value any literal could have.
+    pub literal_placeholders: bool,
     /// Its analysis against the last catalog entry it was planned with.
     pub shape: cache::ShapeMemo,
 }
@@ -359,6 +382,7 @@ impl Candidate {
             relations,
             explain,
             holistic,
+            literal_placeholders: false,
             shape: cache::ShapeMemo::default(),
         })
     }

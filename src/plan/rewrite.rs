@@ -508,6 +508,7 @@ fn split_sites(
                         filter: s.selection.clone(),
                         co_keys,
                         pushdown: pushdown(s, scope, i),
+                        any_literal: false,
                     },
                     required: None,
                     co_ranges,
@@ -829,6 +830,11 @@ pub fn analyze(c: &Candidate, tables: &TableSet, cfg: &FanoutConfig) -> Result<S
             "no table on the preserved side of every outer join to split",
         )
     })?;
+    let mut choice = choice;
+    choice.site.any_literal = c.literal_placeholders;
+    if let Some(reason) = super::split::point_lookup(&choice.site, cfg) {
+        return Err(reason);
+    }
     let marked = mark(q, &choice)?;
     let mut shape = shape_of(c, &marked, s, &scope, &choice, cfg.min_rows_per_group)?;
     if shape.split_on.is_none() {

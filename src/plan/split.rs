@@ -24,6 +24,10 @@ pub struct SplitSite {
     /// The WHERE conjuncts on its columns alone, unqualified: repeated inside each branch
     /// of a fragment that reads several partitions, where constraint exclusion sees them.
     pub pushdown: Option<String>,
+    /// Its parameters stand for literals that may be any value (the site of a shape's
+    /// template, see `plan::literals`): an equality on one is judged by the most frequent
+    /// value.
+    pub any_literal: bool,
 }
 
 /// How the split table is cut.
@@ -335,6 +339,57 @@ fn bound(
     }
 }
 
+/// The range bounds the WHERE clause puts on the site's columns, and the columns it
+/// compares for equality (with the value, when a literal).
+type Bounds = (
+    Vec<(String, Option<String>, Option<String>)>,
+    Vec<(String, Option<String>)>,
+);
+
+fn bounds(c: &SplitSite) -> Bounds {
+    let mut found = Vec::new();
+    let mut points = Vec::new();
+    if let Some(w) = &c.filter {
+        for conjunct in super::from::conjuncts(w) {
+            bound(conjunct, c, &mut found, &mut points);
+        }
+    }
+    (found, points)
+}
+
+/// Why the site is read through an index for a few pages only (equality on an indexed
+/// column that matches fewer pages than two fragments' worth), if it is. Such a statement
+/// passes through whatever else it asks; the planner checks this before the costlier
+/// parts of its analysis, since it is the usual OLTP statement.
+pub fn point_lookup(c: &SplitSite, cfg: &FanoutConfig) -> Option<PassReason> {
+    point_lookup_in(c, cfg, &bounds(c).1)
+}
+
+fn point_lookup_in(
+    c: &SplitSite,
+    cfg: &FanoutConfig,
+    points: &[(String, Option<String>)],
+) -> Option<PassReason> {
+    let table = c.table.as_ref();
+    for (p, value) in points {
+        let Some(col) = table.column(p).filter(|c| c.indexed) else {
+            continue;
+        };
+        let fraction = match value {
+            None if c.any_literal => largest_equality_fraction(col, table),
+            v => equality_fraction(col, table, v.as_deref()),
+        };
+        let pages = (table.blocks as f64 * fraction) as u64;
+        if pages / cfg.min_fragment_pages.max(1) < 2 {
+            return Some(PassReason::new(
+                "point_lookup",
+                format!("equality on indexed column {p} matches about {pages} pages"),
+            ));
+        }
+    }
+    None
+}
+
 /// Chooses the split of a site, or passes it through (too small, point lookup, no free
 /// slots). `required`: the column the split must be on (a GROUP BY column whose groups
 /// must each stay within one fragment), within the WHERE clause's bounds on it. Without
@@ -355,24 +410,9 @@ pub fn choose(
             "fewer than 2 fragment slots are available",
         ));
     }
-    let mut found = Vec::new();
-    let mut points = Vec::new();
-    if let Some(w) = &c.filter {
-        for conjunct in super::from::conjuncts(w) {
-            bound(conjunct, c, &mut found, &mut points);
-        }
-    }
-    for (p, value) in &points {
-        let Some(col) = table.column(p).filter(|c| c.indexed) else {
-            continue;
-        };
-        let pages = (table.blocks as f64 * equality_fraction(col, table, value.as_deref())) as u64;
-        if by_size(pages) < 2 {
-            return Err(PassReason::new(
-                "point_lookup",
-                format!("equality on indexed column {p} matches about {pages} pages"),
-            ));
-        }
+    let (found, points) = bounds(c);
+    if let Some(reason) = point_lookup_in(c, cfg, &points) {
+        return Err(reason);
     }
     if table.kind == 'p' {
         if required.is_some() {
@@ -528,26 +568,48 @@ fn partition_split(
 /// The fraction of rows `col = value` matches, from the most common values and n_distinct
 /// (`None`: a parameter, whose value is not known when planning).
 fn equality_fraction(col: &super::ColumnInfo, table: &TableInfo, value: Option<&str>) -> f64 {
-    if let Some(v) = value {
-        if let Some(i) = col.common_values.iter().position(|c| c == v) {
-            return col.common_freqs.get(i).copied().unwrap_or(1.0);
+    match value {
+        Some(v) => match col.common_values.iter().position(|c| c == v) {
+            Some(i) => col.common_freqs.get(i).copied().unwrap_or(1.0),
+            None => uncommon_fraction(col, table),
+        },
+        None => {
+            let distinct = distinct_values(col, table);
+            if distinct <= 0.0 {
+                return 0.0;
+            }
+            (1.0 / distinct).min(1.0)
         }
     }
-    let distinct = if col.n_distinct < 0.0 {
-        -col.n_distinct * table.reltuples.max(1.0)
-    } else {
-        col.n_distinct
-    };
+}
+
+/// The largest fraction of rows [`equality_fraction`] gives for any value: the most common
+/// value's, or that of a value outside the common ones.
+fn largest_equality_fraction(col: &super::ColumnInfo, table: &TableInfo) -> f64 {
+    col.common_freqs
+        .iter()
+        .copied()
+        .fold(uncommon_fraction(col, table), f64::max)
+}
+
+/// The fraction of rows equal to one value outside the most common ones.
+fn uncommon_fraction(col: &super::ColumnInfo, table: &TableInfo) -> f64 {
+    let distinct = distinct_values(col, table);
     if distinct <= 0.0 {
         // no statistics: assume a point lookup
         return 0.0;
     }
     let common: f64 = col.common_freqs.iter().sum();
     let rest = (distinct - col.common_values.len() as f64).max(1.0);
-    if value.is_none() {
-        return (1.0 / distinct).min(1.0);
-    }
     ((1.0 - common - col.null_frac).max(0.0) / rest).min(1.0)
+}
+
+fn distinct_values(col: &super::ColumnInfo, table: &TableInfo) -> f64 {
+    if col.n_distinct < 0.0 {
+        -col.n_distinct * table.reltuples.max(1.0)
+    } else {
+        col.n_distinct
+    }
 }
 
 fn index_split(

@@ -149,20 +149,43 @@ impl OutQueue {
         }
     }
 
-    fn wrote(&mut self, n: usize) {
-        self.bytes -= n;
-        self.unflushed = true;
-        if self.current.is_empty() {
-            self.current = self.queued.pop_front().unwrap_or_default();
-        }
-    }
-
     fn is_empty(&self) -> bool {
         self.bytes == 0
     }
 
-    fn needs_flush(&self) -> bool {
-        self.bytes == 0 && self.unflushed
+    /// Bytes to write or a flush to do.
+    fn has_work(&self) -> bool {
+        self.bytes > 0 || self.unflushed
+    }
+
+    /// Writes everything queued, then flushes (TLS holds records until flushed). Progress
+    /// is kept in the queue, so the caller may stop polling at any point.
+    fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        w: &mut W,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{ready, Poll};
+        loop {
+            if !self.current.is_empty() {
+                let n = ready!(std::pin::Pin::new(&mut *w).poll_write(cx, &self.current))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                bytes::Buf::advance(&mut self.current, n);
+                self.bytes -= n;
+                self.unflushed = true;
+                if self.current.is_empty() {
+                    self.current = self.queued.pop_front().unwrap_or_default();
+                }
+                continue;
+            }
+            if self.unflushed {
+                ready!(std::pin::Pin::new(&mut *w).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            return Poll::Ready(Ok(()));
+        }
     }
 }
 
@@ -510,7 +533,20 @@ where
         let read_backend = matches!(phase, Phase::Running | Phase::DrainToBackend(_))
             && !backend_eof
             && to_client.bytes < QUEUE_LIMIT;
+        // writes first: queued replies go out before more is read
         tokio::select! {
+            biased;
+            r = std::future::poll_fn(|cx| to_backend.poll_drain(cx, &mut backend_wr)), if to_backend.has_work() && !backend_eof => {
+                if r.is_err() {
+                    backend_eof = true;
+                    phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+                }
+            },
+            r = std::future::poll_fn(|cx| to_client.poll_drain(cx, &mut client_wr)), if to_client.has_work() => {
+                if r.is_err() {
+                    break RelayEnd::ClientGone;
+                }
+            },
             r = client_rd.read_buf(&mut client_in), if read_client => match r {
                 Ok(0) | Err(_) => break RelayEnd::ClientGone,
                 Ok(_) => take_client_input!(),
@@ -530,19 +566,6 @@ where
                     phase = Phase::DrainToClient(RelayEnd::BackendClosed);
                 }
                 Ok(_) => take_backend_input!(),
-            },
-            r = write_step(&mut backend_wr, &mut to_backend.current), if (!to_backend.current.is_empty() || to_backend.needs_flush()) && !backend_eof => match r {
-                Ok(Step::Wrote(n)) => to_backend.wrote(n),
-                Ok(Step::Flushed) => to_backend.unflushed = false,
-                Err(_) => {
-                    backend_eof = true;
-                    phase = Phase::DrainToClient(RelayEnd::BackendClosed);
-                }
-            },
-            r = write_step(&mut client_wr, &mut to_client.current), if !to_client.current.is_empty() || to_client.needs_flush() => match r {
-                Ok(Step::Wrote(n)) => to_client.wrote(n),
-                Ok(Step::Flushed) => to_client.unflushed = false,
-                Err(_) => break RelayEnd::ClientGone,
             },
         }
     };
@@ -585,27 +608,6 @@ where
         .await;
     }
     (end, None)
-}
-
-/// One unit of progress toward a peer.
-enum Step {
-    Wrote(usize),
-    Flushed,
-}
-
-/// Writes from `chunk` (cancel-safe: progress is kept in `chunk`), or flushes when it is
-/// empty (TLS buffers records until flushed).
-async fn write_step<W: AsyncWrite + Unpin>(w: &mut W, chunk: &mut Bytes) -> std::io::Result<Step> {
-    if chunk.is_empty() {
-        w.flush().await?;
-        Ok(Step::Flushed)
-    } else {
-        let n = w.write_buf(chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        Ok(Step::Wrote(n))
-    }
 }
 
 /// Scans client bytes: counts statements, stops at Terminate, and holds back a statement
@@ -694,7 +696,14 @@ fn watch_client(
             if bypass || intercept.savepoint || tracker.unsynced || !plan::worth_parsing(&sql) {
                 return Visit::Forward;
             }
-            let candidate = match fs.env.statements.parse(&sql) {
+            let lookup = fs.env.statements.lookup(&sql);
+            // a literal-only variant of a statement shape known to pass through
+            if let Some(t) = lookup.template() {
+                if !t.explain && passes_for_any_literal(fs, tracker.status_now(), t) {
+                    return Visit::Forward;
+                }
+            }
+            let candidate = match lookup.candidate(&sql) {
                 Ok(c) => c,
                 Err(reason) if plan::is_explain_fanout(&sql) => {
                     intercept.held = Some(Held::Explain {
@@ -868,6 +877,19 @@ fn passes_cached(fs: &FanoutSession<'_>, status: u8, candidate: &Candidate) -> b
             true
         }
         Some(Route::FanOut(_)) | None => false,
+    }
+}
+
+/// True when cached catalog facts say a shape's template passes through for a reason that
+/// holds whatever the literals (see `PassReason::holds_for_any_literal`).
+fn passes_for_any_literal(fs: &FanoutSession<'_>, status: u8, template: &Candidate) -> bool {
+    match fanout::cached_route(fs.env, &fs.login, status, template) {
+        Some(Route::PassThrough(reason)) if reason.holds_for_any_literal() => {
+            metrics::counter!(crate::metrics::PASSTHROUGH_REASONS, "reason" => reason.label)
+                .increment(1);
+            true
+        }
+        _ => false,
     }
 }
 

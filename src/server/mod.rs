@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod session;
+pub mod threads;
 pub mod tls;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tracing::{error, info, Instrument};
+use tracing::{error, info};
 
 use crate::backends::session_pool::SessionPool;
 use crate::config::{Config, TlsMode};
@@ -35,6 +36,9 @@ pub enum ServerError {
     /// Authentication setup failed.
     #[error("authentication setup: {0}")]
     Auth(String),
+    /// No runtime to run fragment workers on, or a session thread could not start.
+    #[error("runtime: {0}")]
+    Runtime(String),
 }
 
 /// Everything sessions share.
@@ -49,15 +53,17 @@ pub struct ServerContext {
     pub cancel: Arc<CancelRegistry>,
     /// Authenticated-or-authenticating client sessions now.
     pub clients: AtomicUsize,
-    /// Reset pass-through connections waiting for their next client.
-    pub session_pool: SessionPool,
+    /// Reset pass-through connections waiting for their next client, one pool per session
+    /// thread (a connection stays with the event loop it is registered with).
+    pub session_pools: Vec<SessionPool>,
     /// Fragment pools, catalog cache and fan-out settings.
     pub fanout: crate::relay::fanout::FanoutEnv,
     next_session: AtomicU64,
 }
 
 impl ServerContext {
-    /// Builds the shared state (loads TLS files, prepares authentication).
+    /// Builds the shared state (loads TLS files, prepares authentication). Called on the
+    /// runtime that fragment workers are to run on.
     pub fn new(config: Arc<Config>) -> Result<Self, ServerError> {
         let tls = match (config.tls.mode, &config.tls.cert, &config.tls.key) {
             (TlsMode::Disable, _, _) => None,
@@ -76,15 +82,26 @@ impl ServerContext {
             tls,
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
-            session_pool: SessionPool::new(config.backend_idle_timeout, 1000),
+            session_pools: (0..config.session_threads.max(1))
+                .map(|_| SessionPool::new(config.backend_idle_timeout, 1000))
+                .collect(),
             fanout: crate::relay::fanout::FanoutEnv {
                 config: config.clone(),
                 pools: Arc::new(crate::backends::pool::FragmentPools::new(&config)),
                 catalog: Arc::new(crate::plan::CatalogCache::new(config.fanout.catalog_ttl)),
                 statements: Arc::new(crate::plan::cache::StatementCache::default()),
+                workers: tokio::runtime::Handle::try_current()
+                    .map_err(|e| ServerError::Runtime(e.to_string()))?,
             },
             next_session: AtomicU64::new(1),
         })
+    }
+}
+
+impl ServerContext {
+    /// The pool of reset connections of session thread `thread`.
+    pub fn session_pool(&self, thread: usize) -> &SessionPool {
+        &self.session_pools[thread % self.session_pools.len()]
     }
 }
 
@@ -98,14 +115,18 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
         })
 }
 
-/// Accepts clients forever, one task per session.
-pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
+/// Accepts clients forever and hands each to a session thread (see [`threads`]).
+pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> Result<(), ServerError> {
+    let threads =
+        threads::SessionThreads::start(&ctx).map_err(|e| ServerError::Runtime(e.to_string()))?;
     let pruner = ctx.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            pruner.session_pool.prune();
+            for pool in &pruner.session_pools {
+                pool.prune();
+            }
             pruner.fanout.pools.prune();
             session::record_parked(&pruner);
         }
@@ -123,12 +144,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
+                // replies go out as soon as they are written, as from PostgreSQL itself
+                let _ = socket.set_nodelay(true);
                 let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
-                let ctx = ctx.clone();
-                tokio::spawn(
-                    session::run(ctx, socket, id)
-                        .instrument(tracing::info_span!("session", session = id, %peer)),
-                );
+                threads.hand_off(socket, id, peer);
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning

@@ -46,12 +46,12 @@ impl Drop for ClientSlot<'_> {
 }
 
 /// Runs one client connection to its end.
-pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
+pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, thread: usize) {
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
     let acceptor = ctx.tls.as_ref().map(|t| t.acceptor.clone());
     let startup = tokio::time::timeout(STARTUP_TIMEOUT, async {
         let framed = negotiate_tls::<()>(socket, acceptor).await.ok()??;
-        startup(&ctx, framed).await
+        startup(&ctx, framed, thread).await
     })
     .await;
     let Ok(Some(ready)) = startup else {
@@ -96,7 +96,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
         &backend_cancel,
         &mut state,
         &metrics,
-        Some(relay::FanoutSession {
+        ctx.config.fanout.enabled.then_some(relay::FanoutSession {
             env: &ctx.fanout,
             login,
             cancel: cancel_signal,
@@ -121,7 +121,9 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
             secret: backend.secret,
             parameters,
         };
-        ctx.session_pool.reset_and_park(pool_key, idle).await;
+        ctx.session_pool(thread)
+            .reset_and_park(pool_key, idle)
+            .await;
         record_parked(&ctx);
     }
 }
@@ -129,7 +131,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64) {
 /// Publishes the number of parked connections.
 pub fn record_parked(ctx: &ServerContext) {
     metrics::gauge!(m::BACKEND_CONNECTIONS, "backend" => ctx.config.primary().name.clone(), "state" => "pooled")
-        .set(ctx.session_pool.parked() as f64);
+        .set(ctx.session_pools.iter().map(|p| p.parked()).sum::<usize>() as f64);
 }
 
 /// A client that passed startup and authentication, with its backend logged in.
@@ -148,7 +150,11 @@ async fn send_error(framed: &mut ClientFramed, error: ErrorFields) {
 }
 
 /// Startup message, limits, authentication and backend login.
-async fn startup(ctx: &ServerContext, framed: ClientFramed) -> Option<Established<'_>> {
+async fn startup(
+    ctx: &ServerContext,
+    framed: ClientFramed,
+    thread: usize,
+) -> Option<Established<'_>> {
     let mut framed = match check_startup_packet(framed).await {
         Ok(f) => f,
         Err((mut framed, error)) => {
@@ -252,7 +258,7 @@ async fn startup(ctx: &ServerContext, framed: ClientFramed) -> Option<Establishe
 
     let (pool_key, params, password) = backend_login_params(ctx, &startup, &user);
     let reused = if ctx.config.reuse_backend_connections {
-        ctx.session_pool.checkout(&pool_key)
+        ctx.session_pool(thread).checkout(&pool_key)
     } else {
         None
     };

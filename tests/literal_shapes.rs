@@ -1,0 +1,230 @@
+//! Statement texts that differ only in their literals share one parse in pgfan
+//! (`src/plan/literals.rs`, `StatementCache`), and a shape whose template passes through
+//! for any literal (a point lookup judged by the column's most frequent value) skips the
+//! text's own planning. These tests check that sharing never changes an answer or a route.
+//!
+//! Table `shapes_t` (60k rows): `id` unique, `skew` indexed with 90 % of the rows on 0 and
+//! the rest unique, `pad` text. The same shapes are sent with different literals, in the
+//! simple protocol (the text path) and the extended protocol (Parse), in both orders: a
+//! rare value first (a point lookup that passes through) and the common value first (most
+//! of the table, which fans out). Each answer must equal the primary's, and the route
+//! counters of pgfan's metrics must move exactly as the literal demands, so a template's
+//! verdict that leaked to another literal fails the test.
+//!
+//! Run: `cargo test --test literal_shapes` (starts the cluster with `scripts/pg-cluster`).
+
+mod common;
+
+use common::{
+    connect_pgfan, connect_primary, create_database, fanout_config_toml, samples, scrape, Pgfan,
+};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+const DB: &str = "pgfan_literal_shapes";
+
+async fn setup() {
+    create_database(DB).await;
+    let c = connect_primary(DB).await;
+    c.batch_execute(
+        "DROP TABLE IF EXISTS shapes_t;
+         CREATE TABLE shapes_t (id int PRIMARY KEY, skew int NOT NULL, pad text NOT NULL);
+         INSERT INTO shapes_t
+           SELECT g, CASE WHEN g % 10 = 0 THEN g ELSE 0 END, 'p' || (g % 97) || repeat('x', 60)
+           FROM generate_series(1, 60000) g;
+         CREATE INDEX shapes_t_skew ON shapes_t (skew);
+         ANALYZE shapes_t;",
+    )
+    .await
+    .expect("create shapes_t");
+}
+
+/// The rows of a simple-protocol query, as text.
+async fn simple_rows(c: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let mut rows: Vec<Vec<Option<String>>> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// The rows of an extended-protocol query (Parse of the text with its literals), as text.
+async fn extended_rows(c: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    let stmt = c
+        .prepare(sql)
+        .await
+        .unwrap_or_else(|e| panic!("prepare {sql}: {e}"));
+    let rows = c
+        .query(&stmt, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let mut out: Vec<Vec<Option<String>>> = rows
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| {
+                    r.try_get::<_, Option<i64>>(i)
+                        .map(|v| v.map(|v| v.to_string()))
+                        .or_else(|_| {
+                            r.try_get::<_, Option<i32>>(i)
+                                .map(|v| v.map(|v| v.to_string()))
+                        })
+                        .or_else(|_| r.try_get::<_, Option<String>>(i))
+                        .unwrap_or_else(|e| panic!("{sql} column {i}: {e}"))
+                })
+                .collect()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Fan-outs and point-lookup pass-throughs so far.
+async fn routes(pgfan: &Pgfan) -> (f64, f64) {
+    let s = samples(&scrape(pgfan).await);
+    let get = |k: &str| s.get(k).copied().unwrap_or(0.0);
+    (
+        get("pgfan_queries_total{route=\"fanout\"}"),
+        get("pgfan_passthrough_total{reason=\"point_lookup\"}"),
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    FanOut,
+    PointLookup,
+}
+
+async fn check(
+    pgfan: &Pgfan,
+    via: &Client,
+    direct: &Client,
+    sql: &str,
+    extended: bool,
+    expect: Expect,
+) {
+    let before = routes(pgfan).await;
+    let (got, want) = if extended {
+        (
+            extended_rows(via, sql).await,
+            extended_rows(direct, sql).await,
+        )
+    } else {
+        (simple_rows(via, sql).await, simple_rows(direct, sql).await)
+    };
+    let after = routes(pgfan).await;
+    assert_eq!(got, want, "answer of {sql} (extended: {extended})");
+    let fanned = after.0 - before.0;
+    let point = after.1 - before.1;
+    match expect {
+        Expect::FanOut => assert!(
+            fanned == 1.0 && point == 0.0,
+            "{sql} (extended: {extended}) should fan out: fan-outs +{fanned}, point lookups +{point}\n{}",
+            pgfan.log_tail()
+        ),
+        Expect::PointLookup => assert!(
+            fanned == 0.0 && point >= 1.0,
+            "{sql} (extended: {extended}) should pass through as a point lookup: fan-outs +{fanned}, point lookups +{point}"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn literals_of_one_shape_keep_their_own_routes() {
+    setup().await;
+    let pgfan = Pgfan::start_with_config(&fanout_config_toml(), &[]);
+    let direct = connect_primary(DB).await;
+    let via = connect_pgfan(&pgfan, DB).await;
+
+    let skew = |v: i64| format!("SELECT count(*), sum(id) FROM shapes_t WHERE skew = {v}");
+    let by_id = |v: i64| format!("SELECT id, skew, pad FROM shapes_t WHERE id = {v}");
+    let by_text = |p: &str| {
+        format!("SELECT count(*), min(id) FROM shapes_t WHERE pad = '{p}' || repeat('x', 60)")
+    };
+    for extended in [false, true] {
+        // rare value first: the shape's template must not make the common value pass through
+        check(
+            &pgfan,
+            &via,
+            &direct,
+            &skew(770),
+            extended,
+            Expect::PointLookup,
+        )
+        .await;
+        check(&pgfan, &via, &direct, &skew(0), extended, Expect::FanOut).await;
+        check(
+            &pgfan,
+            &via,
+            &direct,
+            &skew(1230),
+            extended,
+            Expect::PointLookup,
+        )
+        .await;
+        check(&pgfan, &via, &direct, &skew(0), extended, Expect::FanOut).await;
+        // a unique column: every literal is a point lookup (the template's own verdict)
+        for id in [1, 4711, 60000, 99999] {
+            check(
+                &pgfan,
+                &via,
+                &direct,
+                &by_id(id),
+                extended,
+                Expect::PointLookup,
+            )
+            .await;
+        }
+        // string literals, with a quote inside one of them
+        for p in ["p1", "p42", "it''s"] {
+            check(&pgfan, &via, &direct, &by_text(p), extended, Expect::FanOut).await;
+        }
+    }
+
+    // the common value first, in a shape not seen before (a different select list)
+    let skew2 = |v: i64| format!("SELECT sum(id) FROM shapes_t WHERE skew = {v}");
+    check(&pgfan, &via, &direct, &skew2(0), false, Expect::FanOut).await;
+    check(
+        &pgfan,
+        &via,
+        &direct,
+        &skew2(40),
+        false,
+        Expect::PointLookup,
+    )
+    .await;
+    check(&pgfan, &via, &direct, &skew2(0), false, Expect::FanOut).await;
+
+    // a shape whose template does not parse (`varchar($1)`): each text is parsed itself
+    for n in [5, 8] {
+        let sql =
+            format!("SELECT count(*) FROM shapes_t WHERE skew = 0 AND pad::varchar({n}) = 'p1xxx'");
+        check(&pgfan, &via, &direct, &sql, false, Expect::FanOut).await;
+    }
+
+    // EXPLAIN FANOUT answers for the text's own literal, not the shape's
+    for (v, want) in [
+        (0, "FanOut:"),
+        (990, "PassThrough: equality on indexed column skew"),
+    ] {
+        let rows = simple_rows(&via, &format!("EXPLAIN FANOUT {}", skew(v))).await;
+        let first = rows
+            .iter()
+            .filter_map(|r| r.first().cloned().flatten())
+            .find(|l| l.starts_with("FanOut:") || l.starts_with("PassThrough:"))
+            .unwrap_or_default();
+        assert!(
+            first.starts_with(want),
+            "EXPLAIN FANOUT skew = {v}: {rows:?}"
+        );
+    }
+}
