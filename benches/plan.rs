@@ -183,6 +183,47 @@ fn bench_plan(c: &mut Criterion) {
     g.bench_function("oltp_point/parse+plan", |b| {
         b.iter(|| parse_and_plan(black_box(POINT_QUERY), &accounts, &cfg))
     });
+    // `pgbench -M simple`: the same statement with a new literal each time. The cache
+    // parses the shape once; a point lookup is decided on the shape's template ("screen"),
+    // anything else fills the literals into a copy of the template's tree and plans that
+    // ("fill+plan"), which is also what every text cost before the cache knew shapes.
+    let shapes = plan::cache::StatementCache::default();
+    let texts: Vec<String> = (0..1024)
+        .map(|i| {
+            format!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+                i * 7919 + 1
+            )
+        })
+        .collect();
+    // the first text parses the shape; from the second on the template is known
+    let _ = shapes.lookup(&texts[0]);
+    let template = shapes.lookup(&texts[1]);
+    eprintln!(
+        "route of oltp_point's template: {}",
+        describe(&match template.template() {
+            Some(t) => plan::plan_shared(t, &accounts, &cfg, SLOTS),
+            None => Route::PassThrough(plan::PassReason::new("none", "no template")),
+        })
+    );
+    let mut next = texts.iter().cycle();
+    g.bench_function("oltp_point/screen, new literal", |b| {
+        b.iter(|| {
+            let lookup = shapes.lookup(black_box(next.next().map_or("", String::as_str)));
+            lookup
+                .template()
+                .map(|t| plan::plan_shared(t, &accounts, &cfg, SLOTS))
+        })
+    });
+    g.bench_function("oltp_point/fill+plan, new literal", |b| {
+        b.iter(|| {
+            let sql = next.next().map_or("", String::as_str);
+            match shapes.lookup(black_box(sql)).candidate(sql) {
+                Ok(c) => plan::plan_shared(&c, &accounts, &cfg, SLOTS),
+                Err(reason) => Route::PassThrough(reason),
+            }
+        })
+    });
     g.bench_function("oltp_point/worth_parsing", |b| {
         b.iter(|| plan::worth_parsing(black_box(POINT_QUERY)))
     });
