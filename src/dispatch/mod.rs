@@ -164,12 +164,9 @@ fn fair_share(p: &BackendPool) -> usize {
 /// Starts the query's fragments. `None` when it cannot get at least two fragment
 /// connections (or, for a merge that runs every fragment at once, one per fragment within
 /// [`RESERVE_WAIT`]): nothing has run, and the caller passes the statement through.
-/// The workers run on `runtime`.
-pub async fn start(
-    spec: QuerySpec,
-    cfg: &FanoutConfig,
-    runtime: &tokio::runtime::Handle,
-) -> Option<Running> {
+/// The workers run on the caller's runtime: the session's thread, whose event loop also
+/// runs the merge, so a row handed from a worker to the merge wakes no other thread.
+pub async fn start(spec: QuerySpec, cfg: &FanoutConfig) -> Option<Running> {
     let n = spec.fragments.len();
     let all_at_once = spec.delivery == Delivery::Ordered || cfg.dispatch == DispatchMode::Static;
     let slow = slow_servers(&spec.servers);
@@ -229,7 +226,7 @@ pub async fn start(
     }
     for (server, permit) in grants {
         let shared = shared.clone();
-        runtime.spawn(worker::run(shared, server, permit));
+        tokio::spawn(worker::run(shared, server, permit));
     }
     Some(Running {
         events,

@@ -38,8 +38,6 @@ pub struct FanoutEnv {
     pub catalog: Arc<CatalogCache>,
     /// Parsed statements by text.
     pub statements: Arc<plan::cache::StatementCache>,
-    /// The shared runtime fragment workers run on (sessions run on their own threads).
-    pub workers: tokio::runtime::Handle,
 }
 
 /// The statement to run, as the client sent it.
@@ -785,7 +783,7 @@ where
         query_id,
         delivery,
     };
-    let Some(running) = dispatch::start(spec, &env.config.fanout, &env.workers).await else {
+    let Some(running) = dispatch::start(spec, &env.config.fanout).await else {
         if simple {
             pinned.sync(client).await?;
         }

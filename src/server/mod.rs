@@ -36,7 +36,7 @@ pub enum ServerError {
     /// Authentication setup failed.
     #[error("authentication setup: {0}")]
     Auth(String),
-    /// No runtime to run fragment workers on, or a session thread could not start.
+    /// A session thread could not start.
     #[error("runtime: {0}")]
     Runtime(String),
 }
@@ -62,8 +62,7 @@ pub struct ServerContext {
 }
 
 impl ServerContext {
-    /// Builds the shared state (loads TLS files, prepares authentication). Called on the
-    /// runtime that fragment workers are to run on.
+    /// Builds the shared state (loads TLS files, prepares authentication).
     pub fn new(config: Arc<Config>) -> Result<Self, ServerError> {
         let tls = match (config.tls.mode, &config.tls.cert, &config.tls.key) {
             (TlsMode::Disable, _, _) => None,
@@ -90,8 +89,6 @@ impl ServerContext {
                 pools: Arc::new(crate::backends::pool::FragmentPools::new(&config)),
                 catalog: Arc::new(crate::plan::CatalogCache::new(config.fanout.catalog_ttl)),
                 statements: Arc::new(crate::plan::cache::StatementCache::default()),
-                workers: tokio::runtime::Handle::try_current()
-                    .map_err(|e| ServerError::Runtime(e.to_string()))?,
             },
             next_session: AtomicU64::new(1),
         })

@@ -5,7 +5,9 @@
 //! a message wakes no other thread. With the multi-threaded scheduler the cross-thread
 //! wakeups and work stealing cost more CPU than the relay itself (pgbench -S measured
 //! about twice the user time per transaction). This is pgbouncer's model, one event loop
-//! per core. Fragment workers, health checks and metrics stay on the shared runtime.
+//! per core. A fanned-out statement's fragment workers run on its session's thread too,
+//! beside the merge they feed (streaming 1M rows took 1.7-2.2 s instead of 2.3-2.5 s with
+//! the workers on the shared runtime). Health checks and metrics stay on the shared runtime.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
