@@ -109,6 +109,46 @@ enum AttemptError {
     TooLarge,
 }
 
+/// How often a given-up connection's CancelRequest is sent again, and how long it may take
+/// in all before the connection is closed regardless.
+const RECANCEL_EVERY: Duration = Duration::from_millis(100);
+const CANCEL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Stops a fragment that may still run on `conn`, then closes it, in the background. A
+/// CancelRequest that reaches the server before the statement starts is ignored, and a
+/// closed socket goes unnoticed while a statement runs, so the cancel is sent again until
+/// the fragment's pipeline ends (ReadyForQuery after its COMMIT: idle, `I`) or the
+/// connection fails. The connection keeps its slot until then, since its backend is busy.
+fn cancel_and_close(mut conn: PooledConnection) {
+    conn.broken = true;
+    let Some(target) = conn.cancel_target() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let idle = async {
+            while let Ok((tag, body)) = conn.next().await {
+                if tag == b'Z' && body.first() == Some(&b'I') {
+                    break;
+                }
+            }
+        };
+        let cancel = async {
+            loop {
+                let _ = target.cancel().await;
+                tokio::time::sleep(RECANCEL_EVERY).await;
+            }
+        };
+        let _ = tokio::time::timeout(CANCEL_LIMIT, async {
+            tokio::select! {
+                _ = idle => {}
+                _ = cancel => {}
+            }
+        })
+        .await;
+        drop(conn);
+    });
+}
+
 /// Runs one worker on `server` with a reserved slot until the query needs it no more.
 pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSemaphorePermit) {
     let mut slot = Slot::Free(permit);
@@ -164,17 +204,19 @@ pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSem
         };
         let elapsed = started.elapsed();
         let broken = !matches!(result, Ok(_) | Err(AttemptError::Sql(_)));
-        if broken {
-            // the backend may still run the statement: stop it, and never reuse the
-            // connection
-            conn.broken = true;
-            if let Some(target) = conn.cancel_target() {
-                tokio::spawn(async move {
-                    let _ = target.cancel().await;
-                });
-            }
-        }
         let connection_failed = matches!(result, Err(AttemptError::Connection(_)));
+        // the backend may still run the statement: stop it, and never reuse the connection
+        let conn = match (broken, connection_failed) {
+            (false, _) => Some(conn),
+            (true, true) => {
+                conn.broken = true;
+                None
+            }
+            (true, false) => {
+                cancel_and_close(conn);
+                None
+            }
+        };
         let merge_gone = matches!(result, Err(AttemptError::MergeGone));
         match result {
             Ok(End::Won) => {
@@ -194,7 +236,6 @@ pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSem
             break;
         }
         if connection_failed {
-            drop(conn);
             match move_elsewhere(&shared, &mut server).await {
                 Some(s) => {
                     slot = s;
@@ -203,16 +244,14 @@ pub(super) async fn run(shared: Arc<Shared>, mut server: usize, permit: OwnedSem
                 None => break,
             }
         }
-        slot = if broken {
-            // closing the connection frees its slot: the worker goes on only if it gets
-            // one again
-            drop(conn);
-            match pool.try_reserve() {
+        slot = match conn {
+            Some(conn) => Slot::Conn(Box::new(conn)),
+            // the given-up connection keeps its slot until the backend is idle: the worker
+            // goes on only if it gets another one
+            None => match pool.try_reserve() {
                 Some(p) => Slot::Free(p),
                 None => break,
-            }
-        } else {
-            Slot::Conn(Box::new(conn))
+            },
         };
     }
     let orphans = shared
