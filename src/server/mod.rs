@@ -54,7 +54,8 @@ pub struct ServerContext {
     /// Authenticated-or-authenticating client sessions now.
     pub clients: AtomicUsize,
     /// Reset pass-through connections waiting for their next client, one pool per session
-    /// thread (a connection stays with the event loop it is registered with).
+    /// thread (a session takes one from its own thread's pool first, whose event loop the
+    /// connection is registered with).
     pub session_pools: Vec<SessionPool>,
     /// Fragment pools, catalog cache and fan-out settings.
     pub fanout: crate::relay::fanout::FanoutEnv,
@@ -99,6 +100,22 @@ impl ServerContext {
     /// The pool of reset connections of session thread `thread`.
     pub fn session_pool(&self, thread: usize) -> &SessionPool {
         &self.session_pools[thread % self.session_pools.len()]
+    }
+
+    /// A reset connection for `key`: one parked by session thread `thread` if there is
+    /// one, else one parked by another thread. Such a connection still works, though each
+    /// of its reads wakes the thread it is registered with; a new login would cost far
+    /// more, and a client expects an idle reset backend to be reused, as with pgbouncer.
+    pub fn checkout_backend(
+        &self,
+        thread: usize,
+        key: &crate::backends::session_pool::PoolKey,
+    ) -> Option<crate::backends::connect::BackendConnection> {
+        self.session_pool(thread).checkout(key).or_else(|| {
+            self.session_pools
+                .iter()
+                .find_map(|pool| pool.checkout(key))
+        })
     }
 }
 

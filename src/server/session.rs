@@ -258,7 +258,7 @@ async fn startup(
 
     let (pool_key, params, password) = backend_login_params(ctx, &startup, &user);
     let reused = if ctx.config.reuse_backend_connections {
-        ctx.session_pool(thread).checkout(&pool_key)
+        ctx.checkout_backend(thread, &pool_key)
     } else {
         None
     };
