@@ -362,16 +362,8 @@ fn bounds(c: &SplitSite) -> Bounds {
 /// passes through whatever else it asks; the planner checks this before the costlier
 /// parts of its analysis, since it is the usual OLTP statement.
 pub fn point_lookup(c: &SplitSite, cfg: &FanoutConfig) -> Option<PassReason> {
-    point_lookup_in(c, cfg, &bounds(c).1)
-}
-
-fn point_lookup_in(
-    c: &SplitSite,
-    cfg: &FanoutConfig,
-    points: &[(String, Option<String>)],
-) -> Option<PassReason> {
     let table = c.table.as_ref();
-    for (p, value) in points {
+    for (p, value) in &bounds(c).1 {
         let Some(col) = table.column(p).filter(|c| c.indexed) else {
             continue;
         };
@@ -390,9 +382,10 @@ fn point_lookup_in(
     None
 }
 
-/// Chooses the split of a site, or passes it through (too small, point lookup, no free
-/// slots). `required`: the column the split must be on (a GROUP BY column whose groups
-/// must each stay within one fragment), within the WHERE clause's bounds on it. Without
+/// Chooses the split of a site that is not a point lookup ([`point_lookup`], checked by
+/// the analysis), or passes it through (too small, no free slots). `required`: the column
+/// the split must be on (a GROUP BY column whose groups must each stay within one
+/// fragment), within the WHERE clause's bounds on it. Without
 /// one, the order of preference: a co-range key, a column the WHERE bounds, the
 /// configured column, heap blocks.
 pub fn choose(
@@ -410,10 +403,8 @@ pub fn choose(
             "fewer than 2 fragment slots are available",
         ));
     }
-    let (found, points) = bounds(c);
-    if let Some(reason) = point_lookup_in(c, cfg, &points) {
-        return Err(reason);
-    }
+    // point lookups never get here: the analysis rejects them first (see `point_lookup`)
+    let (found, _) = bounds(c);
     if table.kind == 'p' {
         if required.is_some() {
             return Err(PassReason::new(

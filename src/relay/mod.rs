@@ -699,7 +699,7 @@ fn watch_client(
             let lookup = fs.env.statements.lookup(&sql);
             // a literal-only variant of a statement shape known to pass through
             if let Some(t) = lookup.template() {
-                if !t.explain && passes_for_any_literal(fs, tracker.status_now(), t) {
+                if !t.explain && passes_cached(fs, tracker.status_now(), t) {
                     return Visit::Forward;
                 }
             }
@@ -868,23 +868,13 @@ fn explain_stand_in(name: &str, sql: &str, param_types: &[u32]) -> Bytes {
 }
 
 /// True when cached catalog facts already say the statement passes through (the common
-/// case for OLTP point queries: no need to hold anything back).
+/// case for OLTP point queries: no need to hold anything back). For a shape's template,
+/// only a reason that holds whatever the literals counts (`PassReason::holds_for_any_literal`).
 fn passes_cached(fs: &FanoutSession<'_>, status: u8, candidate: &Candidate) -> bool {
     match fanout::cached_route(fs.env, &fs.login, status, candidate) {
-        Some(Route::PassThrough(reason)) => {
-            metrics::counter!(crate::metrics::PASSTHROUGH_REASONS, "reason" => reason.label)
-                .increment(1);
-            true
-        }
-        Some(Route::FanOut(_)) | None => false,
-    }
-}
-
-/// True when cached catalog facts say a shape's template passes through for a reason that
-/// holds whatever the literals (see `PassReason::holds_for_any_literal`).
-fn passes_for_any_literal(fs: &FanoutSession<'_>, status: u8, template: &Candidate) -> bool {
-    match fanout::cached_route(fs.env, &fs.login, status, template) {
-        Some(Route::PassThrough(reason)) if reason.holds_for_any_literal() => {
+        Some(Route::PassThrough(reason))
+            if !candidate.literal_placeholders || reason.holds_for_any_literal() =>
+        {
             metrics::counter!(crate::metrics::PASSTHROUGH_REASONS, "reason" => reason.label)
                 .increment(1);
             true
