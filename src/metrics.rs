@@ -121,6 +121,26 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Counts one candidate SELECT that passed through: `pgfan_passthrough_total{reason}`.
+/// Each thread resolves a label's handle once (a registry lookup hashes the labels and
+/// takes a lock, on every screened statement otherwise).
+pub fn count_passthrough(reason: &'static str) {
+    thread_local! {
+        static HANDLES: std::cell::RefCell<Vec<(&'static str, Counter)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        if let Some((_, counter)) = handles.iter().find(|(label, _)| *label == reason) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(PASSTHROUGH_REASONS, "reason" => reason);
+        counter.increment(1);
+        handles.push((reason, counter));
+    });
+}
+
 /// Metric handles one pass-through session updates on every statement.
 #[derive(Clone)]
 pub struct SessionMetrics {

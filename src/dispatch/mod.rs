@@ -137,9 +137,13 @@ impl Running {
 /// the newest query still fans out while slots are free); without, the budgets (what an
 /// idle pgfan would use; static dispatch always plans so). A replica's snapshot takes one
 /// of its connections for the whole query, so it is not counted.
-pub fn available_slots(pools: &[&Arc<BackendPool>], cfg: &FanoutConfig, load: bool) -> usize {
+pub fn available_slots<'a>(
+    pools: impl IntoIterator<Item = &'a Arc<BackendPool>>,
+    cfg: &FanoutConfig,
+    load: bool,
+) -> usize {
     pools
-        .iter()
+        .into_iter()
         .filter(|p| !p.stats.view().banned)
         .map(|p| {
             let n = if load && cfg.dispatch == DispatchMode::Adaptive {

@@ -80,7 +80,9 @@ type CacheEntry = (Instant, Option<Arc<TableInfo>>);
 /// Cache of [`TableInfo`] per (database, name as written).
 pub struct CatalogCache {
     ttl: Duration,
-    entries: Mutex<HashMap<(String, String), CacheEntry>>,
+    /// Database, then name: nested so a lookup by `&str` allocates nothing (it runs for
+    /// every screened statement).
+    entries: Mutex<HashMap<String, HashMap<String, CacheEntry>>>,
 }
 
 impl CatalogCache {
@@ -95,24 +97,24 @@ impl CatalogCache {
     /// The cached entry, if fresh: `Some(None)` caches "no such table".
     pub fn get(&self, database: &str, name: &str) -> Option<Option<Arc<TableInfo>>> {
         let entries = self.entries.lock().ok()?;
-        let (at, info) = entries.get(&(database.to_string(), name.to_string()))?;
+        let (at, info) = entries.get(database)?.get(name)?;
         (at.elapsed() < self.ttl).then(|| info.clone())
     }
 
     /// Stores an entry.
     pub fn put(&self, database: &str, name: &str, info: Option<Arc<TableInfo>>) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.insert(
-                (database.to_string(), name.to_string()),
-                (Instant::now(), info),
-            );
+            entries
+                .entry(database.to_string())
+                .or_default()
+                .insert(name.to_string(), (Instant::now(), info));
         }
     }
 
     /// Forgets every entry of `database` (after DDL, ANALYZE, VACUUM, TRUNCATE).
     pub fn invalidate(&self, database: &str) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|(db, _), _| db != database);
+            entries.remove(database);
         }
     }
 }

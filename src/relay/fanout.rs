@@ -393,7 +393,7 @@ where
 
 fn passthrough(session_id: u64, query_id: u64, reason: &plan::PassReason) -> Outcome {
     debug!(session = session_id, query = query_id, reason = %reason, "pass-through");
-    metrics::counter!(crate::metrics::PASSTHROUGH_REASONS, "reason" => reason.label).increment(1);
+    crate::metrics::count_passthrough(reason.label);
     Outcome::PassThrough
 }
 
@@ -508,22 +508,28 @@ fn route_with(
         );
     };
     // inside a transaction block fragments import the session's snapshot: primary only
-    let usable: Vec<usize> = env
-        .pools
-        .backends
-        .iter()
-        .filter(|b| b.index == 0 || status == b'I')
-        .map(|b| b.index)
-        .collect();
-    let pools: Vec<&Arc<crate::backends::pool::BackendPool>> =
-        usable.iter().map(|i| &env.pools.backends[*i]).collect();
-    let slots = dispatch::available_slots(&pools, &env.config.fanout, load);
+    let usable = |b: &&Arc<crate::backends::pool::BackendPool>| b.index == 0 || status == b'I';
+    let slots = dispatch::available_slots(
+        env.pools.backends.iter().filter(usable),
+        &env.config.fanout,
+        load,
+    );
     let route = plan::plan_shared(candidate, tables, &env.config.fanout, slots);
-    let n = match &route {
-        Route::FanOut(p) => p.fragments.len(),
-        Route::PassThrough(_) => 0,
+    let assignment = match &route {
+        Route::FanOut(p) => {
+            let usable: Vec<usize> = env
+                .pools
+                .backends
+                .iter()
+                .filter(usable)
+                .map(|b| b.index)
+                .collect();
+            (0..p.fragments.len())
+                .map(|i| usable[i % usable.len()])
+                .collect()
+        }
+        Route::PassThrough(_) => Vec::new(),
     };
-    let assignment = (0..n).map(|i| usable[i % usable.len()]).collect();
     (route, assignment)
 }
 

@@ -875,8 +875,7 @@ fn passes_cached(fs: &FanoutSession<'_>, status: u8, candidate: &Candidate) -> b
         Some(Route::PassThrough(reason))
             if !candidate.literal_placeholders || reason.holds_for_any_literal() =>
         {
-            metrics::counter!(crate::metrics::PASSTHROUGH_REASONS, "reason" => reason.label)
-                .increment(1);
+            crate::metrics::count_passthrough(reason.label);
             true
         }
         _ => false,
