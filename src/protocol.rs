@@ -261,8 +261,8 @@ impl BindParams {
     /// Parses a Bind body into portal name, statement name and parameters.
     pub fn parse(body: &[u8]) -> Option<(String, String, BindParams)> {
         let mut r = Reader(body);
-        let portal = r.cstr()?;
-        let statement = r.cstr()?;
+        let portal = r.cstr()?.into_owned();
+        let statement = r.cstr()?.into_owned();
         let nf = r.i16()?;
         let formats = (0..nf).map(|_| r.i16()).collect::<Option<Vec<_>>>()?;
         let nv = r.i16()?;
@@ -406,10 +406,11 @@ impl<'a> Reader<'a> {
         self.i32().map(|v| v as u32)
     }
 
-    /// A null-terminated string (lossy UTF-8).
-    pub fn cstr(&mut self) -> Option<String> {
+    /// A null-terminated string (lossy UTF-8), borrowed from the body when it is valid
+    /// UTF-8 (the relay reads one or two per statement; most are only looked up).
+    pub fn cstr(&mut self) -> Option<std::borrow::Cow<'a, str>> {
         let end = self.0.iter().position(|b| *b == 0)?;
-        let s = String::from_utf8_lossy(&self.0[..end]).into_owned();
+        let s = String::from_utf8_lossy(&self.0[..end]);
         self.0 = &self.0[end + 1..];
         Some(s)
     }

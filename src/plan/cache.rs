@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::literals;
 use super::rewrite::{self, Shape};
@@ -148,6 +149,7 @@ fn fill(template: &Candidate, literals: &[literals::Literal]) -> Option<Candidat
         holistic: template.holistic,
         literal_placeholders: false,
         shape: ShapeMemo::default(),
+        screen: ScreenMemo::default(),
     })
 }
 
@@ -189,6 +191,75 @@ impl ShapeMemo {
             *last = Some((tables.tables().cloned().collect(), shape.clone()));
         }
         shape
+    }
+}
+
+/// The last pass-through screening of one candidate: the relay screens every statement of
+/// an OLTP workload, mostly texts of a few shapes, against cached catalog facts.
+#[derive(Default)]
+pub struct ScreenMemo {
+    last: Mutex<Option<Screening>>,
+}
+
+/// One screening and what it was judged under.
+struct Screening {
+    database: String,
+    catalog_epoch: u64,
+    fresh_until: Instant,
+    slots: usize,
+    verdict: Option<&'static str>,
+}
+
+impl ScreenMemo {
+    /// The verdict judged in `database` under `catalog_epoch` with `slots` fragment slots,
+    /// if its catalog entries are still fresh: `Some(Some(label))` passes through for that
+    /// reason, `Some(None)` may fan out.
+    pub fn get(
+        &self,
+        database: &str,
+        catalog_epoch: u64,
+        slots: usize,
+    ) -> Option<Option<&'static str>> {
+        let last = self.last.lock().ok()?;
+        let s = last.as_ref()?;
+        (s.catalog_epoch == catalog_epoch
+            && s.slots == slots
+            && s.database == database
+            && Instant::now() < s.fresh_until)
+            .then_some(s.verdict)
+    }
+
+    /// Keeps a verdict (see [`ScreenMemo::get`]).
+    pub fn put(
+        &self,
+        database: &str,
+        catalog_epoch: u64,
+        fresh_until: Instant,
+        slots: usize,
+        verdict: Option<&'static str>,
+    ) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(Screening {
+                database: database.to_string(),
+                catalog_epoch,
+                fresh_until,
+                slots,
+                verdict,
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for ScreenMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScreenMemo")
+    }
+}
+
+impl Clone for ScreenMemo {
+    /// A clone starts empty, like [`ShapeMemo`]'s.
+    fn clone(&self) -> Self {
+        ScreenMemo::default()
     }
 }
 
@@ -255,5 +326,38 @@ mod tests {
             shapes.get("select x::varchar($1) from t where y = $2"),
             Some(Template::Untrusted)
         ));
+    }
+
+    #[test]
+    fn a_screening_holds_only_under_what_it_was_judged_with() {
+        let memo = ScreenMemo::default();
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        assert_eq!(memo.get("bench", 1, 4), None);
+        memo.put("bench", 1, later, 4, Some("point_lookup"));
+        assert_eq!(memo.get("bench", 1, 4), Some(Some("point_lookup")));
+        // another database, a newer catalog epoch, other free slots: judge again
+        assert_eq!(memo.get("other", 1, 4), None);
+        assert_eq!(memo.get("bench", 2, 4), None);
+        assert_eq!(memo.get("bench", 1, 1), None);
+        // a stale catalog entry: judge again (the relay then refreshes the catalog)
+        memo.put("bench", 1, Instant::now(), 4, None);
+        assert_eq!(memo.get("bench", 1, 4), None);
+        // a clone is a new candidate: it starts empty
+        memo.put("bench", 1, later, 4, None);
+        assert_eq!(memo.get("bench", 1, 4), Some(None));
+        assert_eq!(memo.clone().get("bench", 1, 4), None);
+    }
+
+    #[test]
+    fn catalog_changes_move_the_epoch() {
+        let catalog = super::super::catalog::CatalogCache::new(std::time::Duration::from_secs(60));
+        let start = catalog.epoch();
+        catalog.put("bench", "t", None);
+        assert!(catalog.epoch() > start);
+        assert!(matches!(catalog.get_fresh("bench", "t"), Some((None, _))));
+        let before = catalog.epoch();
+        catalog.invalidate("bench");
+        assert!(catalog.epoch() > before);
+        assert!(catalog.get_fresh("bench", "t").is_none());
     }
 }

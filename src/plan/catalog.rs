@@ -3,6 +3,7 @@
 //! TTL, dropped early when pass-through DDL is seen.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,9 @@ type CacheEntry = (Instant, Option<Arc<TableInfo>>);
 /// Cache of [`TableInfo`] per (database, name as written).
 pub struct CatalogCache {
     ttl: Duration,
+    /// Bumped by every `put` and `invalidate`: a judgement made from the entries read
+    /// under one epoch holds while the epoch and the entries' freshness do.
+    epoch: AtomicU64,
     /// Database, then name: nested so a lookup by `&str` allocates nothing (it runs for
     /// every screened statement).
     entries: Mutex<HashMap<String, HashMap<String, CacheEntry>>>,
@@ -91,7 +95,25 @@ impl CatalogCache {
         CatalogCache {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// The current epoch (see the field).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Like [`CatalogCache::get`], with the instant the entry stops being fresh.
+    pub fn get_fresh(
+        &self,
+        database: &str,
+        name: &str,
+    ) -> Option<(Option<Arc<TableInfo>>, Instant)> {
+        let entries = self.entries.lock().ok()?;
+        let (at, info) = entries.get(database)?.get(name)?;
+        let until = *at + self.ttl;
+        (Instant::now() < until).then(|| (info.clone(), until))
     }
 
     /// The cached entry, if fresh: `Some(None)` caches "no such table".
@@ -108,6 +130,7 @@ impl CatalogCache {
                 .entry(database.to_string())
                 .or_default()
                 .insert(name.to_string(), (Instant::now(), info));
+            self.epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -115,6 +138,7 @@ impl CatalogCache {
     pub fn invalidate(&self, database: &str) {
         if let Ok(mut entries) = self.entries.lock() {
             entries.remove(database);
+            self.epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
 }

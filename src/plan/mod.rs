@@ -120,6 +120,8 @@ pub struct Candidate {
     pub literal_placeholders: bool,
     /// Its analysis against the last catalog entry it was planned with.
     pub shape: cache::ShapeMemo,
+    /// Its last pass-through screening by the relay.
+    pub screen: cache::ScreenMemo,
 }
 
 /// Functions that are immutable (or depend only on settings pgfan copies to fragments), so
@@ -384,6 +386,7 @@ impl Candidate {
             holistic,
             literal_placeholders: false,
             shape: cache::ShapeMemo::default(),
+            screen: cache::ScreenMemo::default(),
         })
     }
 }

@@ -435,20 +435,25 @@ async fn table_set(
     Ok(Some(TableSet::new(entries)))
 }
 
-/// The catalog entries of every table the candidate names, from the cache only.
+/// The catalog entries of every table the candidate names, from the cache only, with the
+/// instant the first of them goes stale.
 fn cached_table_set(
     env: &FanoutEnv,
     login: &LoginKey,
     candidate: &plan::Candidate,
-) -> Option<Option<TableSet>> {
+) -> Option<(Option<TableSet>, Instant)> {
     let mut entries = Vec::with_capacity(candidate.relations.len());
+    let mut fresh_until: Option<Instant> = None;
     for name in &candidate.relations {
-        match env.catalog.get(&login.1, name)? {
+        let (info, until) = env.catalog.get_fresh(&login.1, name)?;
+        fresh_until = Some(fresh_until.map_or(until, |f| f.min(until)));
+        match info {
             Some(t) => entries.push((name.clone(), t)),
-            None => return Some(None),
+            None => return Some((None, until)),
         }
     }
-    Some(Some(TableSet::new(entries)))
+    let fresh_until = fresh_until.unwrap_or_else(Instant::now);
+    Some((Some(TableSet::new(entries)), fresh_until))
 }
 
 /// The plan with the backends each fragment would run on.
@@ -477,21 +482,64 @@ pub async fn route_for(
     }
 }
 
-/// The route from cached catalog facts only; `None` when the table is not cached.
-pub fn cached_route(
+/// Why the candidate passes through, judged from cached catalog facts only: the label of
+/// the reason, or `None` when it may fan out or a table it names is not cached. For a
+/// shape's template only a reason that holds whatever the literals counts
+/// (`PassReason::holds_for_any_literal`). The verdict is kept on the candidate while the
+/// catalog entries it read stay fresh and unchanged and the fragment slots stay the same.
+pub fn cached_pass_label(
     env: &FanoutEnv,
     login: &LoginKey,
     status: u8,
     candidate: &plan::Candidate,
-) -> Option<Route> {
+) -> Option<&'static str> {
     if !env.config.fanout.enabled {
-        return Some(Route::PassThrough(plan::PassReason::new(
-            "disabled",
-            "fan-out is disabled",
-        )));
+        return Some("disabled");
     }
-    let tables = cached_table_set(env, login, candidate)?;
-    Some(route_with(env, status, candidate, tables.as_ref(), false).0)
+    let slots = usable_slots(env, status, false);
+    let epoch = env.catalog.epoch();
+    if let Some(verdict) = candidate.screen.get(&login.1, epoch, slots) {
+        return verdict;
+    }
+    let (tables, fresh_until) = cached_table_set(env, login, candidate)?;
+    let verdict = match route_from_slots(env, candidate, tables.as_ref(), slots) {
+        Route::PassThrough(reason)
+            if !candidate.literal_placeholders || reason.holds_for_any_literal() =>
+        {
+            Some(reason.label)
+        }
+        _ => None,
+    };
+    candidate
+        .screen
+        .put(&login.1, epoch, fresh_until, slots, verdict);
+    verdict
+}
+
+/// Fragment slots of the backends a statement may use: inside a transaction block
+/// fragments import the session's snapshot, so only the primary's.
+fn usable_slots(env: &FanoutEnv, status: u8, load: bool) -> usize {
+    dispatch::available_slots(
+        env.pools.backends.iter().filter(|b| usable(b, status)),
+        &env.config.fanout,
+        load,
+    )
+}
+
+fn usable(backend: &crate::backends::pool::BackendPool, status: u8) -> bool {
+    backend.index == 0 || status == b'I'
+}
+
+fn route_from_slots(
+    env: &FanoutEnv,
+    candidate: &plan::Candidate,
+    tables: Option<&TableSet>,
+    slots: usize,
+) -> Route {
+    match tables {
+        Some(tables) => plan::plan_shared(candidate, tables, &env.config.fanout, slots),
+        None => Route::PassThrough(plan::PassReason::new("unknown_table", "no such table")),
+    }
 }
 
 fn route_with(
@@ -501,27 +549,15 @@ fn route_with(
     tables: Option<&TableSet>,
     load: bool,
 ) -> (Route, Vec<usize>) {
-    let Some(tables) = tables else {
-        return (
-            Route::PassThrough(plan::PassReason::new("unknown_table", "no such table")),
-            vec![],
-        );
-    };
-    // inside a transaction block fragments import the session's snapshot: primary only
-    let usable = |b: &&Arc<crate::backends::pool::BackendPool>| b.index == 0 || status == b'I';
-    let slots = dispatch::available_slots(
-        env.pools.backends.iter().filter(usable),
-        &env.config.fanout,
-        load,
-    );
-    let route = plan::plan_shared(candidate, tables, &env.config.fanout, slots);
+    let slots = usable_slots(env, status, load);
+    let route = route_from_slots(env, candidate, tables, slots);
     let assignment = match &route {
         Route::FanOut(p) => {
             let usable: Vec<usize> = env
                 .pools
                 .backends
                 .iter()
-                .filter(usable)
+                .filter(|b| usable(b, status))
                 .map(|b| b.index)
                 .collect();
             (0..p.fragments.len())

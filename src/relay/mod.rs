@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use crate::backends::connect::CancelTarget;
 use crate::backends::pool::LoginKey;
 use crate::metrics::SessionMetrics;
-use crate::plan::{self, Candidate, Route};
+use crate::plan::{self, Candidate};
 use crate::protocol::{self, BindParams, ErrorFields};
 use fanout::{FanoutEnv, Outcome, Pinned, Request};
 use frame::{MessageCursor, Visit};
@@ -720,7 +720,7 @@ fn watch_client(
             }
             intercept.held = Some(Held::Query {
                 candidate,
-                sql,
+                sql: sql.into_owned(),
                 len: header.total(),
             });
             Visit::Stop
@@ -741,10 +741,10 @@ fn watch_client(
                 intercept.held = Some(Held::ExplainParse {
                     prepared: Arc::new(Prepared {
                         candidate: fs.env.statements.parse(&sql),
-                        sql,
+                        sql: sql.into_owned(),
                         param_types,
                     }),
-                    name,
+                    name: name.into_owned(),
                     substitute,
                     len: header.total(),
                 });
@@ -756,16 +756,16 @@ fn watch_client(
             match candidate {
                 Some(c) => {
                     intercept.statements.insert(
-                        name,
+                        name.into_owned(),
                         Arc::new(Prepared {
                             candidate: Ok(c),
-                            sql,
+                            sql: sql.into_owned(),
                             param_types,
                         }),
                     );
                 }
                 None => {
-                    intercept.statements.remove(&name);
+                    intercept.statements.remove(&*name);
                 }
             }
             Visit::Forward
@@ -774,14 +774,22 @@ fn watch_client(
             let (Some(portal), Some(statement)) = (r.cstr(), r.cstr()) else {
                 return Visit::Forward;
             };
-            // parameters are copied only for statements that may fan out
-            let prepared = intercept.statements.get(&statement).cloned();
-            match prepared.zip(BindParams::parse(body)) {
+            // Parameters are copied only for statements that may fan out. One that passes
+            // through whatever its parameters (the check treats `$n` as unknown values) is
+            // judged here, once per Bind: its Execute then finds no portal and goes on. The
+            // transaction status cannot change between a Bind and its Execute, since a
+            // portal ends with its transaction.
+            let may_fan_out = |p: &&Arc<Prepared>| match &p.candidate {
+                Ok(c) => c.explain || !passes_cached(fs, tracker.status_now(), c),
+                Err(_) => true,
+            };
+            let prepared = intercept.statements.get(&*statement).filter(may_fan_out);
+            match prepared.cloned().zip(BindParams::parse(body)) {
                 Some((p, (_, _, params))) => {
-                    intercept.portals.insert(portal, (p, params));
+                    intercept.portals.insert(portal.into_owned(), (p, params));
                 }
                 None => {
-                    intercept.portals.remove(&portal);
+                    intercept.portals.remove(&*portal);
                 }
             }
             Visit::Forward
@@ -791,10 +799,10 @@ fn watch_client(
             if let Some(name) = r.cstr() {
                 match kind {
                     Some(b'S') => {
-                        intercept.statements.remove(&name);
+                        intercept.statements.remove(&*name);
                     }
                     Some(b'P') => {
-                        intercept.portals.remove(&name);
+                        intercept.portals.remove(&*name);
                     }
                     _ => {}
                 }
@@ -808,7 +816,7 @@ fn watch_client(
             if bypass || tracker.batch_failed {
                 return Visit::Forward;
             }
-            let Some((prepared, params)) = intercept.portals.get(&portal).cloned() else {
+            let Some((prepared, params)) = intercept.portals.get(&*portal).cloned() else {
                 return Visit::Forward;
             };
             let candidate = match &prepared.candidate {
@@ -868,17 +876,15 @@ fn explain_stand_in(name: &str, sql: &str, param_types: &[u32]) -> Bytes {
 }
 
 /// True when cached catalog facts already say the statement passes through (the common
-/// case for OLTP point queries: no need to hold anything back). For a shape's template,
-/// only a reason that holds whatever the literals counts (`PassReason::holds_for_any_literal`).
+/// case for OLTP point queries: no need to hold anything back); see
+/// [`fanout::cached_pass_label`].
 fn passes_cached(fs: &FanoutSession<'_>, status: u8, candidate: &Candidate) -> bool {
-    match fanout::cached_route(fs.env, &fs.login, status, candidate) {
-        Some(Route::PassThrough(reason))
-            if !candidate.literal_placeholders || reason.holds_for_any_literal() =>
-        {
-            crate::metrics::count_passthrough(reason.label);
+    match fanout::cached_pass_label(fs.env, &fs.login, status, candidate) {
+        Some(label) => {
+            crate::metrics::count_passthrough(label);
             true
         }
-        _ => false,
+        None => false,
     }
 }
 
