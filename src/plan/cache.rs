@@ -29,15 +29,20 @@ enum Template {
     Untrusted,
 }
 
+/// A map keyed by statement text: looked up for every screened statement, so hashed with
+/// a fast hasher rather than SipHash (the keys are client texts, but a map is capped at
+/// [`MAX_STATEMENTS`] entries and the hasher is seeded per process).
+type TextMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// Parsed statements, shared by every session: by text, and by literal-normalized shape
 /// for texts that carry their values as literals (see [`literals`]).
 #[derive(Default)]
 pub struct StatementCache {
-    exact: Mutex<HashMap<String, Parsed>>,
-    shapes: Mutex<HashMap<String, Template>>,
+    exact: Mutex<TextMap<Parsed>>,
+    shapes: Mutex<TextMap<Template>>,
 }
 
-fn remember<V>(map: &Mutex<HashMap<String, V>>, key: String, value: V) {
+fn remember<V>(map: &Mutex<TextMap<V>>, key: String, value: V) {
     if let Ok(mut m) = map.lock() {
         if m.len() >= MAX_STATEMENTS {
             m.clear();

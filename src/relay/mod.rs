@@ -89,8 +89,8 @@ enum Held {
 /// Statements and portals that may fan out, and the message being held.
 #[derive(Default)]
 struct Intercept {
-    statements: HashMap<String, Arc<Prepared>>,
-    portals: HashMap<String, (Arc<Prepared>, BindParams)>,
+    statements: HashMap<String, Arc<Prepared>, foldhash::fast::RandomState>,
+    portals: HashMap<String, (Arc<Prepared>, BindParams), foldhash::fast::RandomState>,
     held: Option<Held>,
     /// Forward the next message without intercepting it (it fell back to pass-through).
     bypass: bool,
