@@ -144,18 +144,34 @@ impl StatementCache {
     }
 }
 
-/// `template` with its placeholders replaced by `literals`.
+/// `template` with its placeholders replaced by `literals` (a clone starts with empty
+/// memos, see [`Last`]).
 fn fill(template: &Candidate, literals: &[literals::Literal]) -> Option<Candidate> {
-    let mut query = template.query.clone();
-    literals::substitute(&mut query, literals).then(|| Candidate {
-        query,
-        relations: template.relations.clone(),
-        explain: template.explain,
-        holistic: template.holistic,
-        literal_placeholders: false,
-        shape: ShapeMemo::default(),
-        screen: ScreenMemo::default(),
-    })
+    let mut c = template.clone();
+    c.literal_placeholders = false;
+    literals::substitute(&mut c.query, literals).then_some(c)
+}
+
+/// The last value a memo computed. A copy starts empty: a cloned candidate may be planned
+/// against other catalog entries, or filled with other literals.
+struct Last<T>(Mutex<Option<T>>);
+
+impl<T> Default for Last<T> {
+    fn default() -> Self {
+        Last(Mutex::new(None))
+    }
+}
+
+impl<T> Clone for Last<T> {
+    fn clone(&self) -> Self {
+        Last::default()
+    }
+}
+
+impl<T> std::fmt::Debug for Last<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Last")
+    }
 }
 
 /// An analysis and the catalog entries it was made against.
@@ -163,9 +179,9 @@ type Analysis = (Vec<Arc<TableInfo>>, Result<Arc<Shape>, PassReason>);
 
 /// The analysis of one candidate, kept with the catalog entries it was made against (a new
 /// entry after a TTL refresh or DDL means a new analysis).
-#[derive(Default)]
+#[derive(Default, Clone, Debug)]
 pub struct ShapeMemo {
-    last: Mutex<Option<Analysis>>,
+    last: Last<Analysis>,
 }
 
 impl ShapeMemo {
@@ -184,7 +200,7 @@ impl ShapeMemo {
                     .zip(tables.tables())
                     .all(|(a, b)| Arc::ptr_eq(a, b))
         };
-        if let Ok(last) = self.last.lock() {
+        if let Ok(last) = self.last.0.lock() {
             if let Some((seen, shape)) = last.as_ref() {
                 if same(seen) {
                     return shape.clone();
@@ -192,7 +208,7 @@ impl ShapeMemo {
             }
         }
         let shape = rewrite::analyze(c, tables, cfg).map(Arc::new);
-        if let Ok(mut last) = self.last.lock() {
+        if let Ok(mut last) = self.last.0.lock() {
             *last = Some((tables.tables().cloned().collect(), shape.clone()));
         }
         shape
@@ -201,9 +217,9 @@ impl ShapeMemo {
 
 /// The last pass-through screening of one candidate: the relay screens every statement of
 /// an OLTP workload, mostly texts of a few shapes, against cached catalog facts.
-#[derive(Default)]
+#[derive(Default, Clone, Debug)]
 pub struct ScreenMemo {
-    last: Mutex<Option<Screening>>,
+    last: Last<Screening>,
 }
 
 /// One screening and what it was judged under.
@@ -225,7 +241,7 @@ impl ScreenMemo {
         catalog_epoch: u64,
         slots: usize,
     ) -> Option<Option<&'static str>> {
-        let last = self.last.lock().ok()?;
+        let last = self.last.0.lock().ok()?;
         let s = last.as_ref()?;
         (s.catalog_epoch == catalog_epoch
             && s.slots == slots
@@ -243,7 +259,7 @@ impl ScreenMemo {
         slots: usize,
         verdict: Option<&'static str>,
     ) {
-        if let Ok(mut last) = self.last.lock() {
+        if let Ok(mut last) = self.last.0.lock() {
             *last = Some(Screening {
                 database: database.to_string(),
                 catalog_epoch,
@@ -252,32 +268,6 @@ impl ScreenMemo {
                 verdict,
             });
         }
-    }
-}
-
-impl std::fmt::Debug for ScreenMemo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ScreenMemo")
-    }
-}
-
-impl Clone for ScreenMemo {
-    /// A clone starts empty, like [`ShapeMemo`]'s.
-    fn clone(&self) -> Self {
-        ScreenMemo::default()
-    }
-}
-
-impl std::fmt::Debug for ShapeMemo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ShapeMemo")
-    }
-}
-
-impl Clone for ShapeMemo {
-    /// A clone starts empty (it may be planned against other catalog entries).
-    fn clone(&self) -> Self {
-        ShapeMemo::default()
     }
 }
 

@@ -118,9 +118,7 @@ impl CatalogCache {
 
     /// The cached entry, if fresh: `Some(None)` caches "no such table".
     pub fn get(&self, database: &str, name: &str) -> Option<Option<Arc<TableInfo>>> {
-        let entries = self.entries.lock().ok()?;
-        let (at, info) = entries.get(database)?.get(name)?;
-        (at.elapsed() < self.ttl).then(|| info.clone())
+        self.get_fresh(database, name).map(|(info, _)| info)
     }
 
     /// Stores an entry.

@@ -14,6 +14,7 @@
 //! The statement cache still checks each new shape against a real parse once before it
 //! trusts it (see `cache::StatementCache`).
 
+use std::fmt::Write;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{Query, Value, ValueWithSpan, VisitMut, VisitorMut};
@@ -70,8 +71,8 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     let mut put_literal = |key: &mut String, copied: &mut usize, start, end, lit| {
         key.push_str(&sql[*copied..start]);
         literals.push(lit);
-        key.push('$');
-        key.push_str(&literals.len().to_string());
+        // writing to a String cannot fail
+        let _ = write!(key, "${}", literals.len());
         *copied = end;
     };
     while i < b.len() {

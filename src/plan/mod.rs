@@ -48,9 +48,7 @@ impl PassReason {
             detail: detail.into(),
         }
     }
-}
 
-impl PassReason {
     /// True when the reason, found for a shape's template, holds for every statement text
     /// of the shape whatever its literals: a point lookup judged by the most frequent
     /// value, and facts of the tables or of the load.

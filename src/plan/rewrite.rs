@@ -824,13 +824,12 @@ pub fn analyze(c: &Candidate, tables: &TableSet, cfg: &FanoutConfig) -> Result<S
             best
         }
     });
-    let choice = choice.ok_or_else(|| {
+    let mut choice = choice.ok_or_else(|| {
         pass(
             "no_split_table",
             "no table on the preserved side of every outer join to split",
         )
     })?;
-    let mut choice = choice;
     choice.site.any_literal = c.literal_placeholders;
     if let Some(reason) = super::split::point_lookup(&choice.site, cfg) {
         return Err(reason);

@@ -493,9 +493,6 @@ pub fn cached_pass_label(
     status: u8,
     candidate: &plan::Candidate,
 ) -> Option<&'static str> {
-    if !env.config.fanout.enabled {
-        return Some("disabled");
-    }
     let slots = usable_slots(env, status, false);
     let epoch = env.catalog.epoch();
     if let Some(verdict) = candidate.screen.get(&login.1, epoch, slots) {

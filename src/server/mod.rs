@@ -111,10 +111,13 @@ impl ServerContext {
         thread: usize,
         key: &crate::backends::session_pool::PoolKey,
     ) -> Option<crate::backends::connect::BackendConnection> {
-        self.session_pool(thread).checkout(key).or_else(|| {
+        let own = thread % self.session_pools.len();
+        self.session_pools[own].checkout(key).or_else(|| {
             self.session_pools
                 .iter()
-                .find_map(|pool| pool.checkout(key))
+                .enumerate()
+                .filter(|(i, _)| *i != own)
+                .find_map(|(_, pool)| pool.checkout(key))
         })
     }
 }
