@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, NoTls};
 
 use common::{
     cluster, connect_pgfan, connect_primary, create_database, drop_database, field, output_within,
@@ -112,15 +112,7 @@ async fn connect_url(url: &str) -> Client {
 async fn run(client: &Client, sql: &str, extended: bool) -> Result<Rows, tokio_postgres::Error> {
     if !extended {
         let messages = client.simple_query(sql).await?;
-        return Ok(messages
-            .iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(r) => {
-                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-                }
-                _ => None,
-            })
-            .collect());
+        return Ok(common::text_rows(&messages));
     }
     let rows = client.query(sql, &[]).await?;
     Ok(rows

@@ -48,14 +48,7 @@ async fn connect(c: &tokio_postgres::Config) -> tokio_postgres::Client {
 
 /// The text values of the first row of a simple query.
 fn first_row(msgs: &[SimpleQueryMessage]) -> Vec<Option<String>> {
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(String::from)).collect())
-            }
-            _ => None,
-        })
-        .expect("no row")
+    common::text_rows(msgs).into_iter().next().expect("no row")
 }
 
 async fn one_text(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
@@ -254,15 +247,7 @@ async fn pipelining_several_queries_in_flight() {
         );
     }
     let simple = simple.expect("pipelined simple_query");
-    let texts: Vec<Vec<Option<String>>> = simple
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(String::from)).collect())
-            }
-            _ => None,
-        })
-        .collect();
+    let texts = common::text_rows(&simple);
     assert_eq!(
         texts,
         vec![

@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::types::{FromSql, Type};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use common::{
     connect_pgfan, connect_primary, create_database, drop_database, fanout_config_toml, query_i64,
@@ -49,15 +49,7 @@ async fn simple_rows(client: &Client, sql: &str) -> Result<Vec<Vec<Option<String
         .simple_query(sql)
         .await
         .map_err(|e| format!("{sql}: {e:?}"))?;
-    Ok(messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect())
+    Ok(common::text_rows(&messages))
 }
 
 /// Runs `EXPLAIN FANOUT <sql>` through pgfan and returns the number of fragments; fails

@@ -16,9 +16,10 @@
 mod common;
 
 use common::{
-    connect_pgfan, connect_primary, create_database, fanout_config_toml, samples, scrape, Pgfan,
+    connect_pgfan, connect_primary, create_database, fanout_config_toml, samples, scrape,
+    text_rows, Pgfan,
 };
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 const DB: &str = "pgfan_literal_shapes";
 
@@ -44,15 +45,7 @@ async fn simple_rows(c: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
         .simple_query(sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let mut rows: Vec<Vec<Option<String>>> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect();
+    let mut rows = text_rows(&msgs);
     rows.sort();
     rows
 }
@@ -150,65 +143,39 @@ async fn literals_of_one_shape_keep_their_own_routes() {
     let by_text = |p: &str| {
         format!("SELECT count(*), min(id) FROM shapes_t WHERE pad = '{p}' || repeat('x', 60)")
     };
+    use Expect::{FanOut, PointLookup};
     for extended in [false, true] {
         // rare value first: the shape's template must not make the common value pass through
-        check(
-            &pgfan,
-            &via,
-            &direct,
-            &skew(770),
-            extended,
-            Expect::PointLookup,
-        )
-        .await;
-        check(&pgfan, &via, &direct, &skew(0), extended, Expect::FanOut).await;
-        check(
-            &pgfan,
-            &via,
-            &direct,
-            &skew(1230),
-            extended,
-            Expect::PointLookup,
-        )
-        .await;
-        check(&pgfan, &via, &direct, &skew(0), extended, Expect::FanOut).await;
+        let mut steps = vec![
+            (skew(770), PointLookup),
+            (skew(0), FanOut),
+            (skew(1230), PointLookup),
+            (skew(0), FanOut),
+        ];
         // a unique column: every literal is a point lookup (the template's own verdict)
-        for id in [1, 4711, 60000, 99999] {
-            check(
-                &pgfan,
-                &via,
-                &direct,
-                &by_id(id),
-                extended,
-                Expect::PointLookup,
-            )
-            .await;
-        }
+        steps.extend([1, 4711, 60000, 99999].map(|id| (by_id(id), PointLookup)));
         // string literals, with a quote inside one of them
-        for p in ["p1", "p42", "it''s"] {
-            check(&pgfan, &via, &direct, &by_text(p), extended, Expect::FanOut).await;
+        steps.extend(["p1", "p42", "it''s"].map(|p| (by_text(p), FanOut)));
+        for (sql, expect) in &steps {
+            check(&pgfan, &via, &direct, sql, extended, *expect).await;
         }
     }
 
     // the common value first, in a shape not seen before (a different select list)
     let skew2 = |v: i64| format!("SELECT sum(id) FROM shapes_t WHERE skew = {v}");
-    check(&pgfan, &via, &direct, &skew2(0), false, Expect::FanOut).await;
-    check(
-        &pgfan,
-        &via,
-        &direct,
-        &skew2(40),
-        false,
-        Expect::PointLookup,
-    )
-    .await;
-    check(&pgfan, &via, &direct, &skew2(0), false, Expect::FanOut).await;
+    for (sql, expect) in [
+        (skew2(0), FanOut),
+        (skew2(40), PointLookup),
+        (skew2(0), FanOut),
+    ] {
+        check(&pgfan, &via, &direct, &sql, false, expect).await;
+    }
 
     // a shape whose template does not parse (`varchar($1)`): each text is parsed itself
     for n in [5, 8] {
         let sql =
             format!("SELECT count(*) FROM shapes_t WHERE skew = 0 AND pad::varchar({n}) = 'p1xxx'");
-        check(&pgfan, &via, &direct, &sql, false, Expect::FanOut).await;
+        check(&pgfan, &via, &direct, &sql, false, FanOut).await;
     }
 
     // EXPLAIN FANOUT answers for the text's own literal, not the shape's

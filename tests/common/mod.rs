@@ -223,6 +223,19 @@ pub fn cluster() -> &'static ClusterEnv {
     })
 }
 
+/// The rows of a tokio-postgres simple query, as text (`None`: NULL), in the order sent.
+pub fn text_rows(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// A tokio-postgres connection to database `db` on the primary (the connection task runs
 /// on the current runtime).
 pub async fn connect_primary(db: &str) -> tokio_postgres::Client {
