@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::backends::connect::CancelTarget;
@@ -522,51 +522,116 @@ where
                 intercept.flush_sent = true;
             }
         }
-        if client_in.capacity() - client_in.len() < READ_CHUNK / 4 {
-            client_in.reserve(READ_CHUNK);
-        }
-        if backend_in.capacity() - backend_in.len() < READ_CHUNK / 4 {
-            backend_in.reserve(READ_CHUNK);
-        }
-        let read_client =
-            phase == Phase::Running && to_backend.bytes < QUEUE_LIMIT && intercept.held.is_none();
-        let read_backend = matches!(phase, Phase::Running | Phase::DrainToBackend(_))
-            && !backend_eof
-            && to_client.bytes < QUEUE_LIMIT;
-        // writes first: queued replies go out before more is read
-        tokio::select! {
-            biased;
-            r = std::future::poll_fn(|cx| to_backend.poll_drain(cx, &mut backend_wr)), if to_backend.has_work() && !backend_eof => {
-                if r.is_err() {
-                    backend_eof = true;
-                    phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+        // Moves bytes until the loop above has something to decide. One wakeup reads,
+        // scans and writes on in the same poll, instead of a `select!` round per step.
+        let stop = std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            loop {
+                match phase {
+                    Phase::DrainToBackend(_) if to_backend.is_empty() => return Poll::Ready(None),
+                    Phase::DrainToClient(_) if to_client.is_empty() => return Poll::Ready(None),
+                    _ => {}
                 }
-            },
-            r = std::future::poll_fn(|cx| to_client.poll_drain(cx, &mut client_wr)), if to_client.has_work() => {
-                if r.is_err() {
-                    break RelayEnd::ClientGone;
-                }
-            },
-            r = client_rd.read_buf(&mut client_in), if read_client => match r {
-                Ok(0) | Err(_) => break RelayEnd::ClientGone,
-                Ok(_) => take_client_input!(),
-            },
-            r = backend_rd.read_buf(&mut backend_in), if read_backend => match r {
-                Ok(0) | Err(_) => {
-                    backend_eof = true;
-                    if !backend_cursor.at_boundary() || !backend_in.is_empty() {
-                        debug!(session = session_id, "backend closed mid-message");
-                    } else if tracker.busy() {
-                        to_client.push(
-                            ErrorFields::fatal("08006", "pgfan: the backend closed the connection unexpectedly")
-                                .to_bytes()
-                                .freeze(),
-                        );
+                if intercept.held.is_some() {
+                    let quiet = to_backend.is_empty()
+                        && !to_backend.unflushed
+                        && tracker.expect.is_empty()
+                        && to_client.is_empty()
+                        && !to_client.unflushed
+                        && backend_cursor.at_boundary();
+                    let wants_flush = matches!(intercept.held, Some(Held::Execute { .. }))
+                        && !intercept.flush_sent
+                        && to_backend.is_empty();
+                    if (phase == Phase::Running && quiet) || wants_flush {
+                        return Poll::Ready(None);
                     }
-                    phase = Phase::DrainToClient(RelayEnd::BackendClosed);
                 }
-                Ok(_) => take_backend_input!(),
-            },
+                let mut progress = false;
+                // writes first: queued replies go out before more is read
+                if to_backend.has_work() && !backend_eof {
+                    match to_backend.poll_drain(cx, &mut backend_wr) {
+                        Poll::Ready(Ok(())) => progress = true,
+                        Poll::Ready(Err(_)) => {
+                            backend_eof = true;
+                            phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+                            continue;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if to_client.has_work() {
+                    match to_client.poll_drain(cx, &mut client_wr) {
+                        Poll::Ready(Ok(())) => progress = true,
+                        Poll::Ready(Err(_)) => return Poll::Ready(Some(RelayEnd::ClientGone)),
+                        Poll::Pending => {}
+                    }
+                }
+                let read_client = phase == Phase::Running
+                    && to_backend.bytes < QUEUE_LIMIT
+                    && intercept.held.is_none();
+                if read_client {
+                    if client_in.capacity() - client_in.len() < READ_CHUNK / 4 {
+                        client_in.reserve(READ_CHUNK);
+                    }
+                    match tokio_util::io::poll_read_buf(
+                        std::pin::Pin::new(&mut client_rd),
+                        cx,
+                        &mut client_in,
+                    ) {
+                        Poll::Ready(Ok(0) | Err(_)) => {
+                            return Poll::Ready(Some(RelayEnd::ClientGone))
+                        }
+                        Poll::Ready(Ok(_)) => {
+                            take_client_input!();
+                            continue;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                let read_backend = matches!(phase, Phase::Running | Phase::DrainToBackend(_))
+                    && !backend_eof
+                    && to_client.bytes < QUEUE_LIMIT;
+                if read_backend {
+                    if backend_in.capacity() - backend_in.len() < READ_CHUNK / 4 {
+                        backend_in.reserve(READ_CHUNK);
+                    }
+                    match tokio_util::io::poll_read_buf(
+                        std::pin::Pin::new(&mut backend_rd),
+                        cx,
+                        &mut backend_in,
+                    ) {
+                        Poll::Ready(Ok(0) | Err(_)) => {
+                            backend_eof = true;
+                            if !backend_cursor.at_boundary() || !backend_in.is_empty() {
+                                debug!(session = session_id, "backend closed mid-message");
+                            } else if tracker.busy() {
+                                to_client.push(
+                                    ErrorFields::fatal(
+                                        "08006",
+                                        "pgfan: the backend closed the connection unexpectedly",
+                                    )
+                                    .to_bytes()
+                                    .freeze(),
+                                );
+                            }
+                            phase = Phase::DrainToClient(RelayEnd::BackendClosed);
+                            continue;
+                        }
+                        Poll::Ready(Ok(_)) => {
+                            take_backend_input!();
+                            continue;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if !progress {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await;
+        if let Some(end) = stop {
+            break end;
         }
     };
 
