@@ -14,7 +14,6 @@
 //! The statement cache still checks each new shape against a real parse once before it
 //! trusts it (see `cache::StatementCache`).
 
-use std::fmt::Write;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{Query, Value, ValueWithSpan, VisitMut, VisitorMut};
@@ -58,6 +57,23 @@ fn is_word_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
 }
 
+/// Appends `$n` (on every simple query, so without the formatting machinery).
+fn push_placeholder(key: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    key.push('$');
+    key.extend(digits[at..].iter().map(|&d| char::from(d)));
+}
+
 /// Replaces the plain number and string literals of `sql` with `$1`, `$2`, …; `None` when
 /// the text has parameters or anything the lexer does not handle.
 pub fn normalize(sql: &str) -> Option<Normalized> {
@@ -71,8 +87,7 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
     let mut put_literal = |key: &mut String, copied: &mut usize, start, end, lit| {
         key.push_str(&sql[*copied..start]);
         literals.push(lit);
-        // writing to a String cannot fail
-        let _ = write!(key, "${}", literals.len());
+        push_placeholder(key, literals.len());
         *copied = end;
     };
     while i < b.len() {
@@ -231,6 +246,30 @@ mod tests {
 
     fn key(sql: &str) -> Option<String> {
         normalize(sql).map(|n| n.key)
+    }
+
+    #[test]
+    fn placeholders_count_in_decimal() {
+        for n in [0, 1, 9, 10, 99, 100, 12345, usize::MAX] {
+            let mut key = String::from("x=");
+            push_placeholder(&mut key, n);
+            assert_eq!(key, format!("x=${n}"));
+        }
+        let sql = format!(
+            "select {}",
+            (1..=12)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let want = format!(
+            "select {}",
+            (1..=12)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        assert_eq!(key(&sql), Some(want));
     }
 
     #[test]
