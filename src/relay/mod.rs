@@ -471,7 +471,9 @@ where
                         client: &mut client_rd,
                         pending: &mut client_in,
                     };
-                    fanout::execute(
+                    // boxed: a fan-out's state is large, and the relay of every session
+                    // would otherwise carry it (and copy it on every spawn)
+                    Box::pin(fanout::execute(
                         fs.env,
                         session_id,
                         &fs.login,
@@ -482,7 +484,7 @@ where
                         &mut pinned,
                         &mut client_wr,
                         &mut interrupt,
-                    )
+                    ))
                     .await
                 };
                 match outcome {

@@ -7,12 +7,12 @@ pub mod session;
 pub mod threads;
 pub mod tls;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::backends::session_pool::SessionPool;
 use crate::config::{Config, TlsMode};
@@ -132,10 +132,9 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
         })
 }
 
-/// Accepts clients forever and hands each to a session thread (see [`threads`]).
+/// Serves clients forever: the session threads accept and run them (see [`threads`]);
+/// the shared runtime keeps the pruning, health checks and metrics.
 pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> Result<(), ServerError> {
-    let threads =
-        threads::SessionThreads::start(&ctx).map_err(|e| ServerError::Runtime(e.to_string()))?;
     let pruner = ctx.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -158,19 +157,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> Result<(),
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, primary = %ctx.config.primary().url.address(), "pgfan listening");
     }
-    loop {
-        match listener.accept().await {
-            Ok((socket, peer)) => {
-                // replies go out as soon as they are written, as from PostgreSQL itself
-                let _ = socket.set_nodelay(true);
-                let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
-                threads.hand_off(socket, id, peer);
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning
-                error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let listener = listener
+        .into_std()
+        .map_err(|e| ServerError::Runtime(e.to_string()))?;
+    threads::SessionThreads::start(&ctx, listener)
+        .map_err(|e| ServerError::Runtime(e.to_string()))?;
+    std::future::pending().await
 }

@@ -49,10 +49,14 @@ impl Drop for ClientSlot<'_> {
 pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, thread: usize) {
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
     let acceptor = ctx.tls.as_ref().map(|t| t.acceptor.clone());
-    let startup = tokio::time::timeout(STARTUP_TIMEOUT, async {
-        let framed = negotiate_tls::<()>(socket, acceptor).await.ok()??;
-        startup(&ctx, framed, thread).await
-    })
+    // boxed, like the relay below: the session task stays small while it runs
+    let startup = tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        Box::pin(async {
+            let framed = negotiate_tls::<()>(socket, acceptor).await.ok()??;
+            startup(&ctx, framed, thread).await
+        }),
+    )
     .await;
     let Ok(Some(ready)) = startup else {
         return;
@@ -121,9 +125,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, th
             secret: backend.secret,
             parameters,
         };
-        ctx.session_pool(thread)
-            .reset_and_park(pool_key, idle)
-            .await;
+        Box::pin(ctx.session_pool(thread).reset_and_park(pool_key, idle)).await;
         record_parked(&ctx);
     }
 }

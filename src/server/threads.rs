@@ -8,18 +8,23 @@
 //! per core. A fanned-out statement's fragment workers run on its session's thread too,
 //! beside the merge they feed (streaming 1M rows took 1.7-2.2 s instead of 2.3-2.5 s with
 //! the workers on the shared runtime). Health checks and metrics stay on the shared runtime.
+//!
+//! The first session thread also accepts. On the shared runtime, each connection woke its
+//! driver thread and the `block_on` thread as well: `pgbench -S -C -c 4` measured 7.3
+//! context switches per connection, against 4.1 now.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tracing::{warn, Instrument};
+use tracing::{error, warn, Instrument};
 
 use super::{session, ServerContext};
 
-/// An accepted client on its way to a session thread.
+/// An accepted client on its way to another session thread.
 struct Handoff {
     socket: std::net::TcpStream,
     session_id: u64,
@@ -46,68 +51,101 @@ impl Drop for Live {
     }
 }
 
+/// Which session thread accepts clients. Accepting on a session thread, not on the shared
+/// runtime, spares two thread wakeups per connection, and a client that stays on the
+/// accepting thread is not moved between event loops at all.
+const ACCEPTING_THREAD: usize = 0;
+
 impl SessionThreads {
-    /// Starts one thread per session pool of `ctx` (`session_threads` in the config).
-    pub fn start(ctx: &Arc<ServerContext>) -> std::io::Result<Self> {
+    /// Starts one thread per session pool of `ctx` (`session_threads` in the config); the
+    /// first of them accepts the clients of `listener`.
+    pub fn start(ctx: &Arc<ServerContext>, listener: std::net::TcpListener) -> std::io::Result<()> {
+        let mut receivers = Vec::new();
         let mut threads = Vec::new();
-        for index in 0..ctx.session_pools.len() {
+        for _ in 0..ctx.session_pools.len() {
+            let (tx, rx) = mpsc::unbounded_channel::<Handoff>();
+            receivers.push(rx);
+            threads.push(SessionThread {
+                handoff: tx,
+                sessions: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        let all = Arc::new(SessionThreads { threads });
+        let mut listener = Some(listener);
+        for (index, mut rx) in receivers.into_iter().enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (tx, mut rx) = mpsc::unbounded_channel::<Handoff>();
-            let sessions = Arc::new(AtomicUsize::new(0));
-            let live = sessions.clone();
             let ctx = ctx.clone();
+            let all = all.clone();
+            let listener = if index == ACCEPTING_THREAD {
+                listener.take()
+            } else {
+                None
+            };
             std::thread::Builder::new()
                 .name(format!("pgfan-session-{index}"))
                 .spawn(move || {
                     runtime.block_on(async move {
+                        if let Some(listener) = listener {
+                            match TcpListener::from_std(listener) {
+                                Ok(l) => {
+                                    tokio::spawn(accept_clients(l, ctx.clone(), all.clone(), index));
+                                }
+                                Err(e) => error!(error = %e, "cannot register the listener"),
+                            }
+                        }
+                        let live = all.threads[index].sessions.clone();
                         while let Some(h) = rx.recv().await {
-                            let guard = Live(live.clone());
                             let socket = match TcpStream::from_std(h.socket) {
                                 Ok(s) => s,
                                 Err(e) => {
+                                    live.fetch_sub(1, Ordering::Relaxed);
                                     warn!(session = h.session_id, error = %e, "cannot register client socket");
                                     continue;
                                 }
                             };
-                            let span = tracing::info_span!("session", session = h.session_id, peer = %h.peer);
-                            let ctx = ctx.clone();
-                            tokio::spawn(
-                                async move {
-                                    let _guard = guard;
-                                    session::run(ctx, socket, h.session_id, index).await;
-                                }
-                                .instrument(span),
-                            );
+                            spawn_session(&ctx, socket, h.session_id, h.peer, index, Live(live.clone()));
                         }
                     })
                 })?;
-            threads.push(SessionThread {
-                handoff: tx,
-                sessions,
-            });
         }
-        Ok(SessionThreads { threads })
+        Ok(())
     }
 
-    /// Hands an accepted client to the thread with the fewest sessions.
-    pub fn hand_off(&self, socket: TcpStream, session_id: u64, peer: SocketAddr) {
-        let Some(thread) = self
+    /// Gives an accepted client to the thread with the fewest sessions, preferring
+    /// `current` (the caller's own thread) on a tie.
+    fn hand_off(
+        &self,
+        ctx: &Arc<ServerContext>,
+        current: usize,
+        socket: TcpStream,
+        session_id: u64,
+        peer: SocketAddr,
+    ) {
+        let Some((index, thread)) = self
             .threads
             .iter()
-            .min_by_key(|t| t.sessions.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|(i, t)| (t.sessions.load(Ordering::Relaxed), *i != current))
         else {
             return;
         };
+        thread.sessions.fetch_add(1, Ordering::Relaxed);
+        if index == current {
+            let live = Live(thread.sessions.clone());
+            spawn_session(ctx, socket, session_id, peer, index, live);
+            return;
+        }
+        // the receiving thread counts the session out when it ends
         let socket = match socket.into_std() {
             Ok(s) => s,
             Err(e) => {
+                thread.sessions.fetch_sub(1, Ordering::Relaxed);
                 warn!(session = session_id, error = %e, "cannot hand off client socket");
                 return;
             }
         };
-        thread.sessions.fetch_add(1, Ordering::Relaxed);
         let handoff = Handoff {
             socket,
             session_id,
@@ -121,4 +159,48 @@ impl SessionThreads {
             );
         }
     }
+}
+
+/// Accepts clients forever on the current session thread and hands each to a thread.
+async fn accept_clients(
+    listener: TcpListener,
+    ctx: Arc<ServerContext>,
+    threads: Arc<SessionThreads>,
+    current: usize,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => {
+                // replies go out as soon as they are written, as from PostgreSQL itself
+                let _ = socket.set_nodelay(true);
+                let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
+                threads.hand_off(&ctx, current, socket, id, peer);
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs a client session on the current session thread (`index`).
+fn spawn_session(
+    ctx: &Arc<ServerContext>,
+    socket: TcpStream,
+    session_id: u64,
+    peer: SocketAddr,
+    index: usize,
+    live: Live,
+) {
+    let span = tracing::info_span!("session", session = session_id, peer = %peer);
+    let ctx = ctx.clone();
+    tokio::spawn(
+        async move {
+            let _live = live;
+            session::run(ctx, socket, session_id, index).await;
+        }
+        .instrument(span),
+    );
 }
