@@ -102,8 +102,40 @@ struct Intercept {
 
 /// Bytes buffered toward one side before the relay stops reading from the other side.
 const QUEUE_LIMIT: usize = 256 << 10;
-/// Free space ensured in a read buffer before each read.
-const READ_CHUNK: usize = 32 << 10;
+/// Free space first ensured in a read buffer before each read.
+const READ_CHUNK_MIN: usize = 4 << 10;
+/// The most free space ensured before a read, reached when reads keep filling the buffer.
+const READ_CHUNK_MAX: usize = 64 << 10;
+
+/// How much room to make before reading one side: small for the short messages of OLTP
+/// (a connection that sends a few queries allocates little), doubling while reads fill
+/// all the room given (a result or COPY streaming through).
+struct ReadRoom {
+    chunk: usize,
+}
+
+impl ReadRoom {
+    fn new() -> Self {
+        ReadRoom {
+            chunk: READ_CHUNK_MIN,
+        }
+    }
+
+    /// Makes room in `buf`; returns the room there is.
+    fn prepare(&self, buf: &mut BytesMut) -> usize {
+        if buf.capacity() - buf.len() < self.chunk / 4 {
+            buf.reserve(self.chunk);
+        }
+        buf.capacity() - buf.len()
+    }
+
+    /// After a read of `n` bytes into `room`.
+    fn read(&mut self, n: usize, room: usize) {
+        if n == room {
+            self.chunk = (self.chunk * 2).min(READ_CHUNK_MAX);
+        }
+    }
+}
 
 /// How a relayed session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +368,8 @@ where
     let mut backend_cursor = MessageCursor::default();
     let mut to_backend = OutQueue::default();
     let mut to_client = OutQueue::default();
+    let mut client_room = ReadRoom::new();
+    let mut backend_room = ReadRoom::new();
     metrics.backend_idle.increment(1.0);
     let mut tracker = Tracker {
         inflight: VecDeque::new(),
@@ -572,9 +606,7 @@ where
                     && to_backend.bytes < QUEUE_LIMIT
                     && intercept.held.is_none();
                 if read_client {
-                    if client_in.capacity() - client_in.len() < READ_CHUNK / 4 {
-                        client_in.reserve(READ_CHUNK);
-                    }
+                    let room = client_room.prepare(&mut client_in);
                     match tokio_util::io::poll_read_buf(
                         std::pin::Pin::new(&mut client_rd),
                         cx,
@@ -583,7 +615,8 @@ where
                         Poll::Ready(Ok(0) | Err(_)) => {
                             return Poll::Ready(Some(RelayEnd::ClientGone))
                         }
-                        Poll::Ready(Ok(_)) => {
+                        Poll::Ready(Ok(n)) => {
+                            client_room.read(n, room);
                             take_client_input!();
                             continue;
                         }
@@ -594,9 +627,7 @@ where
                     && !backend_eof
                     && to_client.bytes < QUEUE_LIMIT;
                 if read_backend {
-                    if backend_in.capacity() - backend_in.len() < READ_CHUNK / 4 {
-                        backend_in.reserve(READ_CHUNK);
-                    }
+                    let room = backend_room.prepare(&mut backend_in);
                     match tokio_util::io::poll_read_buf(
                         std::pin::Pin::new(&mut backend_rd),
                         cx,
@@ -619,7 +650,8 @@ where
                             phase = Phase::DrainToClient(RelayEnd::BackendClosed);
                             continue;
                         }
-                        Poll::Ready(Ok(_)) => {
+                        Poll::Ready(Ok(n)) => {
+                            backend_room.read(n, room);
                             take_backend_input!();
                             continue;
                         }
