@@ -141,6 +141,31 @@ pub fn count_passthrough(reason: &'static str) {
     });
 }
 
+/// Metric handles resolved once at start: every connection updates them, and a registry
+/// lookup per connection (labels hashed, keys compared) costs more than the update.
+pub struct ServerMetrics {
+    /// `pgfan_client_connections`.
+    pub client_connections: Gauge,
+    /// `pgfan_client_connections_total`.
+    pub client_connections_total: Counter,
+    /// `pgfan_backend_connections{backend, state="pooled"}`.
+    pub backends_pooled: Gauge,
+    /// The pass-through sessions' handles.
+    pub session: SessionMetrics,
+}
+
+impl ServerMetrics {
+    /// Resolves the handles; `primary` is the primary backend's name.
+    pub fn new(primary: &str) -> Self {
+        Self {
+            client_connections: metrics::gauge!(CLIENT_CONNECTIONS),
+            client_connections_total: metrics::counter!(CLIENT_CONNECTIONS_TOTAL),
+            backends_pooled: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => primary.to_string(), "state" => "pooled"),
+            session: SessionMetrics::new(primary),
+        }
+    }
+}
+
 /// Metric handles one pass-through session updates on every statement.
 #[derive(Clone)]
 pub struct SessionMetrics {

@@ -156,7 +156,7 @@ pub struct SessionState {
     /// Last ReadyForQuery status: `I`, `T` or `E`.
     pub status: u8,
     /// Current ParameterStatus values (TimeZone, DateStyle, …).
-    pub parameters: HashMap<String, String>,
+    pub parameters: HashMap<String, String, foldhash::fast::RandomState>,
 }
 
 /// Bytes waiting to be written to one side.

@@ -59,6 +59,8 @@ pub struct ServerContext {
     pub session_pools: Vec<SessionPool>,
     /// Fragment pools, catalog cache and fan-out settings.
     pub fanout: crate::relay::fanout::FanoutEnv,
+    /// Metric handles of connections and sessions (the recorder is installed first).
+    pub metrics: crate::metrics::ServerMetrics,
     next_session: AtomicU64,
 }
 
@@ -82,6 +84,7 @@ impl ServerContext {
             tls,
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
+            metrics: crate::metrics::ServerMetrics::new(&config.primary().name),
             session_pools: (0..config.session_threads.max(1))
                 .map(|_| SessionPool::new(config.backend_idle_timeout, 1000))
                 .collect(),

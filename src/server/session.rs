@@ -25,7 +25,7 @@ use super::ServerContext;
 use crate::backends::connect;
 use crate::backends::session_pool::{IdleBackend, PoolKey};
 use crate::config::TlsMode;
-use crate::metrics::{self as m, SessionMetrics};
+use crate::metrics as m;
 use crate::protocol::{self, ErrorFields};
 use crate::relay::{self, SessionState};
 
@@ -41,13 +41,13 @@ struct ClientSlot<'a>(&'a ServerContext);
 impl Drop for ClientSlot<'_> {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!(m::CLIENT_CONNECTIONS).decrement(1.0);
+        self.0.metrics.client_connections.decrement(1.0);
     }
 }
 
 /// Runs one client connection to its end.
 pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, thread: usize) {
-    metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
+    ctx.metrics.client_connections_total.increment(1);
     let acceptor = ctx.tls.as_ref().map(|t| t.acceptor.clone());
     // boxed, like the relay below: the session task stays small while it runs
     let startup = tokio::time::timeout(
@@ -89,7 +89,6 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, th
         status: backend.status,
         parameters: backend.parameters.iter().cloned().collect(),
     };
-    let metrics = SessionMetrics::new(&ctx.config.primary().name);
     debug!(backend_pid = backend.pid, "session started");
     let (end, reusable) = relay::relay(
         session_id,
@@ -99,7 +98,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, th
         std::mem::take(&mut backend.pending),
         &backend_cancel,
         &mut state,
-        &metrics,
+        &ctx.metrics.session,
         ctx.config.fanout.enabled.then_some(relay::FanoutSession {
             env: &ctx.fanout,
             login,
@@ -132,7 +131,8 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, th
 
 /// Publishes the number of parked connections.
 pub fn record_parked(ctx: &ServerContext) {
-    metrics::gauge!(m::BACKEND_CONNECTIONS, "backend" => ctx.config.primary().name.clone(), "state" => "pooled")
+    ctx.metrics
+        .backends_pooled
         .set(ctx.session_pools.iter().map(|p| p.parked()).sum::<usize>() as f64);
 }
 
@@ -222,7 +222,7 @@ async fn startup(
 
     let slot = {
         let n = ctx.clients.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!(m::CLIENT_CONNECTIONS).increment(1.0);
+        ctx.metrics.client_connections.increment(1.0);
         let slot = ClientSlot(ctx);
         if n > ctx.config.max_client_connections {
             metrics::counter!(m::CLIENT_CONNECTIONS_REJECTED, "reason" => "limit").increment(1);
