@@ -121,19 +121,22 @@ impl ReadRoom {
         }
     }
 
-    /// Makes room in `buf`; returns the room there is.
-    fn prepare(&self, buf: &mut BytesMut) -> usize {
+    /// Reads what `rd` has into `buf`, after making room.
+    fn poll_read<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        rd: &mut R,
+        buf: &mut BytesMut,
+    ) -> std::task::Poll<std::io::Result<usize>> {
         if buf.capacity() - buf.len() < self.chunk / 4 {
             buf.reserve(self.chunk);
         }
-        buf.capacity() - buf.len()
-    }
-
-    /// After a read of `n` bytes into `room`.
-    fn read(&mut self, n: usize, room: usize) {
-        if n == room {
+        let room = buf.capacity() - buf.len();
+        let read = tokio_util::io::poll_read_buf(std::pin::Pin::new(rd), cx, buf);
+        if matches!(read, std::task::Poll::Ready(Ok(n)) if n == room) {
             self.chunk = (self.chunk * 2).min(READ_CHUNK_MAX);
         }
+        read
     }
 }
 
@@ -418,24 +421,46 @@ where
         };
     }
 
-    take_client_input!();
-    take_backend_input!();
-
-    let end = loop {
-        match phase {
-            Phase::DrainToBackend(end) if to_backend.is_empty() => break end,
-            Phase::DrainToClient(end) if to_client.is_empty() => break end,
-            _ => {}
-        }
-        if let (Some(fs), true) = (fanout.as_ref(), intercept.held.is_some()) {
-            let ready = phase == Phase::Running
+    // What the loop below decides, checked there and by the I/O poll that stops for it.
+    macro_rules! drained {
+        () => {
+            match phase {
+                Phase::DrainToBackend(end) if to_backend.is_empty() => Some(end),
+                Phase::DrainToClient(end) if to_client.is_empty() => Some(end),
+                _ => None,
+            }
+        };
+    }
+    // the held statement may run: everything before it is answered and sent
+    macro_rules! held_may_run {
+        () => {
+            phase == Phase::Running
                 && to_backend.is_empty()
                 && !to_backend.unflushed
                 && tracker.expect.is_empty()
                 && to_client.is_empty()
                 && !to_client.unflushed
-                && backend_cursor.at_boundary();
-            if ready {
+                && backend_cursor.at_boundary()
+        };
+    }
+    // a held Execute waits on replies the backend may be buffering: send it a Flush
+    macro_rules! held_wants_flush {
+        () => {
+            matches!(intercept.held, Some(Held::Execute { .. }))
+                && !intercept.flush_sent
+                && to_backend.is_empty()
+        };
+    }
+
+    take_client_input!();
+    take_backend_input!();
+
+    let end = loop {
+        if let Some(end) = drained!() {
+            break end;
+        }
+        if let (Some(fs), true) = (fanout.as_ref(), intercept.held.is_some()) {
+            if held_may_run!() {
                 let held = intercept.held.take();
                 intercept.flush_sent = false;
                 let (candidate, sql, request, len) = match held {
@@ -547,11 +572,7 @@ where
                 take_client_input!();
                 take_backend_input!();
                 continue;
-            } else if matches!(intercept.held, Some(Held::Execute { .. }))
-                && !intercept.flush_sent
-                && to_backend.is_empty()
-            {
-                // the client's earlier messages may wait in the backend's output buffer
+            } else if held_wants_flush!() {
                 let mut flush = BytesMut::new();
                 protocol::put_empty(&mut flush, b'H');
                 to_backend.push(flush.freeze());
@@ -563,24 +584,10 @@ where
         let stop = std::future::poll_fn(|cx| {
             use std::task::Poll;
             loop {
-                match phase {
-                    Phase::DrainToBackend(_) if to_backend.is_empty() => return Poll::Ready(None),
-                    Phase::DrainToClient(_) if to_client.is_empty() => return Poll::Ready(None),
-                    _ => {}
-                }
-                if intercept.held.is_some() {
-                    let quiet = to_backend.is_empty()
-                        && !to_backend.unflushed
-                        && tracker.expect.is_empty()
-                        && to_client.is_empty()
-                        && !to_client.unflushed
-                        && backend_cursor.at_boundary();
-                    let wants_flush = matches!(intercept.held, Some(Held::Execute { .. }))
-                        && !intercept.flush_sent
-                        && to_backend.is_empty();
-                    if (phase == Phase::Running && quiet) || wants_flush {
-                        return Poll::Ready(None);
-                    }
+                if drained!().is_some()
+                    || (intercept.held.is_some() && (held_may_run!() || held_wants_flush!()))
+                {
+                    return Poll::Ready(None);
                 }
                 let mut progress = false;
                 // writes first: queued replies go out before more is read
@@ -606,17 +613,11 @@ where
                     && to_backend.bytes < QUEUE_LIMIT
                     && intercept.held.is_none();
                 if read_client {
-                    let room = client_room.prepare(&mut client_in);
-                    match tokio_util::io::poll_read_buf(
-                        std::pin::Pin::new(&mut client_rd),
-                        cx,
-                        &mut client_in,
-                    ) {
+                    match client_room.poll_read(cx, &mut client_rd, &mut client_in) {
                         Poll::Ready(Ok(0) | Err(_)) => {
                             return Poll::Ready(Some(RelayEnd::ClientGone))
                         }
-                        Poll::Ready(Ok(n)) => {
-                            client_room.read(n, room);
+                        Poll::Ready(Ok(_)) => {
                             take_client_input!();
                             continue;
                         }
@@ -627,12 +628,7 @@ where
                     && !backend_eof
                     && to_client.bytes < QUEUE_LIMIT;
                 if read_backend {
-                    let room = backend_room.prepare(&mut backend_in);
-                    match tokio_util::io::poll_read_buf(
-                        std::pin::Pin::new(&mut backend_rd),
-                        cx,
-                        &mut backend_in,
-                    ) {
+                    match backend_room.poll_read(cx, &mut backend_rd, &mut backend_in) {
                         Poll::Ready(Ok(0) | Err(_)) => {
                             backend_eof = true;
                             if !backend_cursor.at_boundary() || !backend_in.is_empty() {
@@ -650,8 +646,7 @@ where
                             phase = Phase::DrainToClient(RelayEnd::BackendClosed);
                             continue;
                         }
-                        Poll::Ready(Ok(n)) => {
-                            backend_room.read(n, room);
+                        Poll::Ready(Ok(_)) => {
                             take_backend_input!();
                             continue;
                         }

@@ -49,7 +49,8 @@ impl Drop for ClientSlot<'_> {
 pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, thread: usize) {
     ctx.metrics.client_connections_total.increment(1);
     let acceptor = ctx.tls.as_ref().map(|t| t.acceptor.clone());
-    // boxed, like the relay below: the session task stays small while it runs
+    // boxed, as are the reset below and a fan-out in the relay: the session task stays
+    // small while it relays (it is copied when spawned)
     let startup = tokio::time::timeout(
         STARTUP_TIMEOUT,
         Box::pin(async {

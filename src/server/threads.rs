@@ -78,22 +78,24 @@ impl SessionThreads {
                 .build()?;
             let ctx = ctx.clone();
             let all = all.clone();
-            let listener = if index == ACCEPTING_THREAD {
-                listener.take()
-            } else {
-                None
+            // registered with the accepting thread's runtime here, so a failure stops the
+            // start instead of leaving a server that accepts nobody
+            let listener = match (index == ACCEPTING_THREAD)
+                .then(|| listener.take())
+                .flatten()
+            {
+                Some(l) => {
+                    let _runtime = runtime.enter();
+                    Some(TcpListener::from_std(l)?)
+                }
+                None => None,
             };
             std::thread::Builder::new()
                 .name(format!("pgfan-session-{index}"))
                 .spawn(move || {
                     runtime.block_on(async move {
                         if let Some(listener) = listener {
-                            match TcpListener::from_std(listener) {
-                                Ok(l) => {
-                                    tokio::spawn(accept_clients(l, ctx.clone(), all.clone(), index));
-                                }
-                                Err(e) => error!(error = %e, "cannot register the listener"),
-                            }
+                            tokio::spawn(accept_clients(listener, ctx.clone(), all.clone(), index));
                         }
                         let live = all.threads[index].sessions.clone();
                         while let Some(h) = rx.recv().await {
