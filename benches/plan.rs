@@ -215,6 +215,12 @@ fn bench_plan(c: &mut Criterion) {
                 .map(|t| plan::plan_shared(t, &accounts, &cfg, SLOTS))
         })
     });
+    g.bench_function("oltp_point/lookup, new literal", |b| {
+        b.iter(|| {
+            let lookup = shapes.lookup(black_box(next.next().map_or("", String::as_str)));
+            lookup.template().is_some()
+        })
+    });
     g.bench_function("oltp_point/fill+plan, new literal", |b| {
         b.iter(|| {
             let sql = next.next().map_or("", String::as_str);

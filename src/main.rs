@@ -109,10 +109,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        if let Err(e) = pgfan::metrics::install(config.metrics_listen) {
-            eprintln!("pgfan: metrics: {e}");
-            return ExitCode::FAILURE;
-        }
+        let metrics = match pgfan::metrics::install() {
+            Ok(handle) => handle,
+            Err(e) => {
+                eprintln!("pgfan: metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let config = Arc::new(config);
         let ctx = match server::ServerContext::new(config.clone()) {
             Ok(c) => Arc::new(c),
@@ -128,6 +131,25 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(addr) = config.metrics_listen {
+            let metrics_listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("pgfan: metrics: cannot listen on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let sessions = ctx.clone();
+            tokio::spawn(pgfan::metrics::serve(
+                metrics_listener,
+                metrics.clone(),
+                move || sessions.metrics.session.publish(),
+            ));
+        }
+        let sessions = ctx.clone();
+        tokio::spawn(pgfan::metrics::keep_up(metrics, move || {
+            sessions.metrics.session.publish()
+        }));
         tokio::select! {
             r = server::serve(listener, ctx) => match r {
                 Ok(()) => ExitCode::SUCCESS,

@@ -9,10 +9,8 @@
 //! `..._fragment_latency_seconds`, `..._healthy`, `..._replica_lag_bytes` and
 //! `..._fragment_connections`; `pgfan_fragment_retries_total`, `pgfan_fragment_hedges_total`.
 
-use std::net::SocketAddr;
-
 use metrics::{Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Connected clients.
 pub const CLIENT_CONNECTIONS: &str = "pgfan_client_connections";
@@ -55,20 +53,16 @@ pub const ROUTE_FANOUT: &str = "fanout";
 /// Candidate SELECTs that passed through, by reason.
 pub const PASSTHROUGH_REASONS: &str = "pgfan_passthrough_total";
 
-/// Installs the global recorder; serves `/metrics` on `listen` when given.
-pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
+/// Installs the global recorder. Its page is served by [`serve`], which publishes the
+/// session threads' tallies first.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
     let buckets = [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0, 10.0, 30.0, 60.0,
     ];
-    let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(QUERY_DURATION.to_string()), &buckets)?;
-    match listen {
-        Some(addr) => builder.with_http_listener(addr).install()?,
-        None => {
-            builder.install_recorder()?;
-        }
-    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(QUERY_DURATION.to_string()), &buckets)?
+        .install_recorder()?;
     metrics::describe_gauge!(CLIENT_CONNECTIONS, "Client connections open now");
     metrics::describe_counter!(CLIENT_CONNECTIONS_TOTAL, "Client connections accepted");
     metrics::describe_counter!(
@@ -118,7 +112,66 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(), BuildError> {
         "Fragments run again on another backend after a connection failure"
     );
     metrics::describe_counter!(FRAGMENT_HEDGES, "Hedged copies of slow fragments started");
-    Ok(())
+    Ok(handle)
+}
+
+/// How often tallies are published and histograms drained when nobody scrapes.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Publishes the session tallies (`sessions`) and drains the registry's histograms every
+/// few seconds, so that neither grows while nobody scrapes.
+pub async fn keep_up(handle: PrometheusHandle, sessions: impl Fn()) {
+    let mut tick = tokio::time::interval(UPKEEP);
+    loop {
+        tick.tick().await;
+        sessions();
+        handle.run_upkeep();
+    }
+}
+
+/// Serves the Prometheus page over HTTP on `listener` (any path; `/health` answers `OK`),
+/// publishing the session tallies (`sessions`) before each render.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    sessions: impl Fn() + Clone + Send + Sync + 'static,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        let sessions = sessions.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let page = if req.uri().path() == "/health" {
+                    "OK".to_string()
+                } else {
+                    sessions();
+                    handle.render()
+                };
+                let mut response =
+                    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(page)));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                std::future::ready(Ok::<_, std::convert::Infallible>(response))
+            });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Counts one candidate SELECT that passed through: `pgfan_passthrough_total{reason}`.
@@ -155,38 +208,177 @@ pub struct ServerMetrics {
 }
 
 impl ServerMetrics {
-    /// Resolves the handles; `primary` is the primary backend's name.
-    pub fn new(primary: &str) -> Self {
+    /// Resolves the handles; `primary` is the primary backend's name, `threads` the number
+    /// of session threads.
+    pub fn new(primary: &str, threads: usize) -> Self {
         Self {
             client_connections: metrics::gauge!(CLIENT_CONNECTIONS),
             client_connections_total: metrics::counter!(CLIENT_CONNECTIONS_TOTAL),
             backends_pooled: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => primary.to_string(), "state" => "pooled"),
-            session: SessionMetrics::new(primary),
+            session: SessionMetrics::new(primary, threads),
         }
     }
 }
 
-/// Metric handles one pass-through session updates on every statement.
-#[derive(Clone)]
+/// The registry handles of pass-through sessions.
+struct SessionHandles {
+    queries: Counter,
+    duration: Histogram,
+    backend_active: Gauge,
+    backend_idle: Gauge,
+}
+
+/// Durations a thread keeps before it publishes its tally itself (bounds its memory when
+/// nobody scrapes).
+const TALLY_DURATIONS: usize = 4096;
+
+/// What the sessions of one session thread counted since the last publish.
+#[derive(Default)]
+struct Tally {
+    queries: u64,
+    backend_active: i64,
+    backend_idle: i64,
+    durations: Vec<f64>,
+    passthrough: Vec<(&'static str, u64)>,
+}
+
+/// The pass-through sessions' metrics, tallied per session thread and published into the
+/// registry when `/metrics` is scraped: the registry's counters, gauges and histograms are
+/// atomics shared by every thread, and updating them on every statement moved their cache
+/// lines between cores several times per transaction.
 pub struct SessionMetrics {
-    /// `pgfan_queries_total{route="passthrough"}`.
-    pub queries: Counter,
-    /// `pgfan_query_duration_seconds{route="passthrough"}`.
-    pub duration: Histogram,
-    /// `pgfan_backend_connections{backend, state="active"}`.
-    pub backend_active: Gauge,
-    /// `pgfan_backend_connections{backend, state="idle"}`.
-    pub backend_idle: Gauge,
+    handles: SessionHandles,
+    threads: Vec<std::sync::Mutex<Tally>>,
 }
 
 impl SessionMetrics {
-    /// Resolves the handles for a session pinned to `backend`.
-    pub fn new(backend: &str) -> Self {
+    /// Resolves the handles for sessions pinned to `backend`, run by `threads` threads.
+    pub fn new(backend: &str, threads: usize) -> Self {
         Self {
-            queries: metrics::counter!(QUERIES_TOTAL, "route" => ROUTE_PASSTHROUGH),
-            duration: metrics::histogram!(QUERY_DURATION, "route" => ROUTE_PASSTHROUGH),
-            backend_active: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => backend.to_string(), "state" => "active"),
-            backend_idle: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => backend.to_string(), "state" => "idle"),
+            handles: SessionHandles {
+                queries: metrics::counter!(QUERIES_TOTAL, "route" => ROUTE_PASSTHROUGH),
+                duration: metrics::histogram!(QUERY_DURATION, "route" => ROUTE_PASSTHROUGH),
+                backend_active: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => backend.to_string(), "state" => "active"),
+                backend_idle: metrics::gauge!(BACKEND_CONNECTIONS, "backend" => backend.to_string(), "state" => "idle"),
+            },
+            threads: (0..threads.max(1)).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// The tally of session thread `thread`.
+    pub fn thread(&self, thread: usize) -> SessionTally<'_> {
+        SessionTally {
+            handles: &self.handles,
+            tally: &self.threads[thread % self.threads.len()],
+        }
+    }
+
+    /// Moves every thread's tally into the registry.
+    pub fn publish(&self) {
+        for thread in 0..self.threads.len() {
+            self.thread(thread).publish();
+        }
+    }
+}
+
+/// One session thread's tally. Its lock is only ever contended by a publish.
+#[derive(Clone, Copy)]
+pub struct SessionTally<'a> {
+    handles: &'a SessionHandles,
+    tally: &'a std::sync::Mutex<Tally>,
+}
+
+impl SessionTally<'_> {
+    fn with(&self, f: impl FnOnce(&mut Tally)) {
+        if let Ok(mut t) = self.tally.lock() {
+            f(&mut t);
+        }
+    }
+
+    /// A statement was relayed: `pgfan_queries_total{route="passthrough"}`.
+    pub fn query(&self) {
+        self.with(|t| t.queries += 1);
+    }
+
+    /// A backend connection went from idle to running a request.
+    pub fn backend_busy(&self) {
+        self.with(|t| {
+            t.backend_active += 1;
+            t.backend_idle -= 1;
+        });
+    }
+
+    /// A request took `seconds` to its ReadyForQuery; the backend is idle again when
+    /// `idle_now`.
+    pub fn request_done(&self, seconds: f64, idle_now: bool) {
+        let mut full = false;
+        self.with(|t| {
+            t.durations.push(seconds);
+            if idle_now {
+                t.backend_active -= 1;
+                t.backend_idle += 1;
+            }
+            full = t.durations.len() >= TALLY_DURATIONS;
+        });
+        if full {
+            self.publish();
+        }
+    }
+
+    /// A backend connection joins (`+1`) or leaves (`-1`) the idle or active state.
+    pub fn backend_state(&self, active: bool, delta: i64) {
+        self.with(|t| {
+            if active {
+                t.backend_active += delta;
+            } else {
+                t.backend_idle += delta;
+            }
+        });
+    }
+
+    /// A candidate SELECT passed through: `pgfan_passthrough_total{reason}`.
+    pub fn passthrough(&self, reason: &'static str) {
+        self.with(
+            |t| match t.passthrough.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => t.passthrough.push((reason, 1)),
+            },
+        );
+    }
+
+    /// Moves this thread's tally into the registry.
+    pub fn publish(&self) {
+        let taken = match self.tally.lock() {
+            Ok(mut t) => Tally {
+                queries: std::mem::take(&mut t.queries),
+                backend_active: std::mem::take(&mut t.backend_active),
+                backend_idle: std::mem::take(&mut t.backend_idle),
+                durations: std::mem::take(&mut t.durations),
+                passthrough: t
+                    .passthrough
+                    .iter_mut()
+                    .map(|(r, n)| (*r, std::mem::take(n)))
+                    .collect(),
+            },
+            Err(_) => return,
+        };
+        let h = self.handles;
+        if taken.queries > 0 {
+            h.queries.increment(taken.queries);
+        }
+        if taken.backend_active != 0 {
+            h.backend_active.increment(taken.backend_active as f64);
+        }
+        if taken.backend_idle != 0 {
+            h.backend_idle.increment(taken.backend_idle as f64);
+        }
+        for d in taken.durations {
+            h.duration.record(d);
+        }
+        for (reason, n) in taken.passthrough {
+            if n > 0 {
+                metrics::counter!(PASSTHROUGH_REASONS, "reason" => reason).increment(n);
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! connection failures. The dispatcher reads them to size and order a query's work; every
 //! change is exported as a metric labelled with the backend's name.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -21,6 +21,8 @@ pub struct BackendStats {
     /// Fan-out queries that hold fragment connections on the backend now.
     active_queries: AtomicUsize,
     fragments: AtomicU64,
+    /// Read by every screening of a statement, so not behind the lock; changed under it.
+    banned: AtomicBool,
     inner: Mutex<Moving>,
 }
 
@@ -29,7 +31,6 @@ struct Moving {
     pages_per_second: Option<f64>,
     latency: Option<f64>,
     consecutive_failures: u32,
-    banned: bool,
 }
 
 /// A copy of the moving figures, for the dispatcher.
@@ -63,6 +64,7 @@ impl BackendStats {
             in_flight: AtomicUsize::new(0),
             active_queries: AtomicUsize::new(0),
             fragments: AtomicU64::new(0),
+            banned: AtomicBool::new(false),
             inner: Mutex::new(Moving::default()),
         }
     }
@@ -73,9 +75,14 @@ impl BackendStats {
             .lock()
             .map(|s| StatsView {
                 pages_per_second: s.pages_per_second,
-                banned: s.banned,
+                banned: self.is_banned(),
             })
             .unwrap_or_default()
+    }
+
+    /// Banned: left out of new queries until a health check succeeds.
+    pub fn is_banned(&self) -> bool {
+        self.banned.load(Ordering::Relaxed)
     }
 
     /// Fragments that completed here since start.
@@ -120,7 +127,7 @@ impl BackendStats {
                 .set(s.pages_per_second.unwrap_or(0.0));
             metrics::gauge!(m::BACKEND_LATENCY, "backend" => self.name.clone())
                 .set(s.latency.unwrap_or(0.0));
-            std::mem::replace(&mut s.banned, false)
+            self.banned.load(Ordering::Relaxed) && self.banned.swap(false, Ordering::Relaxed)
         };
         if readmitted {
             self.export_health(true);
@@ -142,11 +149,7 @@ impl BackendStats {
         let banned_now = {
             let Ok(mut s) = self.inner.lock() else { return };
             s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-            let ban = !s.banned && s.consecutive_failures >= ban_after;
-            if ban {
-                s.banned = true;
-            }
-            ban
+            s.consecutive_failures >= ban_after && !self.banned.swap(true, Ordering::Relaxed)
         };
         if banned_now {
             warn!(backend = %self.name, cause = what, "backend banned after repeated connection failures");
@@ -159,7 +162,7 @@ impl BackendStats {
         let readmitted = {
             let Ok(mut s) = self.inner.lock() else { return };
             s.consecutive_failures = 0;
-            std::mem::replace(&mut s.banned, false)
+            self.banned.load(Ordering::Relaxed) && self.banned.swap(false, Ordering::Relaxed)
         };
         if readmitted {
             info!(backend = %self.name, "backend re-admitted after a successful health check");

@@ -144,7 +144,7 @@ pub fn available_slots<'a>(
 ) -> usize {
     pools
         .into_iter()
-        .filter(|p| !p.stats.view().banned)
+        .filter(|p| !p.stats.is_banned())
         .map(|p| {
             let n = if load && cfg.dispatch == DispatchMode::Adaptive {
                 p.free_slots().min(fair_share(p))
@@ -252,7 +252,7 @@ fn grant(
     let shares: Vec<usize> = servers
         .iter()
         .zip(slow)
-        .map(|(s, slow)| match (s.pool.stats.view().banned, slow) {
+        .map(|(s, slow)| match (s.pool.stats.is_banned(), slow) {
             (true, _) => 0,
             (false, true) => fair_share(&s.pool).div_ceil(2),
             (false, false) => fair_share(&s.pool),
@@ -286,7 +286,7 @@ async fn reserve_each(
     fragments: usize,
 ) -> Option<(Vec<(usize, OwnedSemaphorePermit)>, Vec<usize>)> {
     let healthy: Vec<usize> = (0..servers.len())
-        .filter(|i| !servers[*i].pool.stats.view().banned)
+        .filter(|i| !servers[*i].pool.stats.is_banned())
         .collect();
     if healthy.is_empty() {
         return None;

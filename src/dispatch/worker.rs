@@ -373,7 +373,7 @@ async fn find_slot(shared: &Shared, from: usize) -> Option<(usize, OwnedSemaphor
     let wanted = shared.board.lock().ok()?.wanted_servers();
     let candidates: Vec<usize> = wanted
         .into_iter()
-        .filter(|s| *s != from && !shared.spec.servers[*s].pool.stats.view().banned)
+        .filter(|s| *s != from && !shared.spec.servers[*s].pool.stats.is_banned())
         .collect();
     for s in &candidates {
         if let Some(p) = shared.spec.servers[*s].pool.try_reserve() {

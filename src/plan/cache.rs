@@ -55,9 +55,9 @@ fn remember<V>(map: &Mutex<TextMap<V>>, key: String, value: V) {
 pub enum Lookup {
     /// The text's candidate, or why it is none.
     Parsed(Parsed),
-    /// The trusted template of the text's shape and the text's literals; [`Lookup::candidate`]
-    /// puts them together.
-    Template(Arc<Candidate>, Vec<literals::Literal>),
+    /// The trusted template of the text's shape, the text's literals and the shape's key
+    /// ([`literals::Normalized::key`]); [`Lookup::candidate`] puts them together.
+    Template(Arc<Candidate>, Vec<literals::Literal>, String),
 }
 
 impl Lookup {
@@ -65,7 +65,22 @@ impl Lookup {
     /// any literal, is the text's route without building the text's candidate).
     pub fn template(&self) -> Option<&Arc<Candidate>> {
         match self {
-            Lookup::Template(t, _) => Some(t),
+            Lookup::Template(t, _, _) => Some(t),
+            Lookup::Parsed(_) => None,
+        }
+    }
+
+    /// The key of the text's shape and its literals' kinds (true: a string), when the
+    /// shape has a trusted template (see [`literals::has_shape`]).
+    pub fn shape(&self) -> Option<(&str, Vec<bool>)> {
+        match self {
+            Lookup::Template(_, literals, key) => Some((
+                key,
+                literals
+                    .iter()
+                    .map(|l| matches!(l, literals::Literal::Text(_)))
+                    .collect(),
+            )),
             Lookup::Parsed(_) => None,
         }
     }
@@ -74,7 +89,7 @@ impl Lookup {
     pub fn candidate(self, sql: &str) -> Parsed {
         match self {
             Lookup::Parsed(p) => p,
-            Lookup::Template(t, literals) => match fill(&t, &literals) {
+            Lookup::Template(t, literals, _) => match fill(&t, &literals) {
                 Some(c) => Ok(Arc::new(c)),
                 None => Candidate::parse(sql).map(Arc::new),
             },
@@ -112,7 +127,7 @@ impl StatementCache {
     fn lookup_shape(&self, sql: &str, n: literals::Normalized) -> Lookup {
         let known = self.shapes.lock().ok().and_then(|m| m.get(&n.key).cloned());
         match known {
-            Some(Template::Trusted(Ok(template))) => Lookup::Template(template, n.literals),
+            Some(Template::Trusted(Ok(template))) => Lookup::Template(template, n.literals, n.key),
             Some(Template::Trusted(Err(reason))) => Lookup::Parsed(Err(reason)),
             Some(Template::Untrusted) => Lookup::Parsed(Candidate::parse(sql).map(Arc::new)),
             None => {
@@ -233,21 +248,21 @@ struct Screening {
 
 impl ScreenMemo {
     /// The verdict judged in `database` under `catalog_epoch` with `slots` fragment slots,
-    /// if its catalog entries are still fresh: `Some(Some(label))` passes through for that
-    /// reason, `Some(None)` may fan out.
+    /// if its catalog entries are still fresh, and until when they are: `Some(Some(label))`
+    /// passes through for that reason, `Some(None)` may fan out.
     pub fn get(
         &self,
         database: &str,
         catalog_epoch: u64,
         slots: usize,
-    ) -> Option<Option<&'static str>> {
+    ) -> Option<(Option<&'static str>, Instant)> {
         let last = self.last.0.lock().ok()?;
         let s = last.as_ref()?;
         (s.catalog_epoch == catalog_epoch
             && s.slots == slots
             && s.database == database
             && Instant::now() < s.fresh_until)
-            .then_some(s.verdict)
+            .then_some((s.verdict, s.fresh_until))
     }
 
     /// Keeps a verdict (see [`ScreenMemo::get`]).
@@ -329,7 +344,7 @@ mod tests {
         let later = Instant::now() + std::time::Duration::from_secs(60);
         assert_eq!(memo.get("bench", 1, 4), None);
         memo.put("bench", 1, later, 4, Some("point_lookup"));
-        assert_eq!(memo.get("bench", 1, 4), Some(Some("point_lookup")));
+        assert_eq!(memo.get("bench", 1, 4), Some((Some("point_lookup"), later)));
         // another database, a newer catalog epoch, other free slots: judge again
         assert_eq!(memo.get("other", 1, 4), None);
         assert_eq!(memo.get("bench", 2, 4), None);
@@ -339,7 +354,7 @@ mod tests {
         assert_eq!(memo.get("bench", 1, 4), None);
         // a clone is a new candidate: it starts empty
         memo.put("bench", 1, later, 4, None);
-        assert_eq!(memo.get("bench", 1, 4), Some(None));
+        assert_eq!(memo.get("bench", 1, 4), Some((None, later)));
         assert_eq!(memo.clone().get("bench", 1, 4), None);
     }
 

@@ -57,43 +57,91 @@ fn is_word_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
 }
 
-/// Appends `$n` (on every simple query, so without the formatting machinery).
-fn push_placeholder(key: &mut String, n: usize) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+/// `$n` written into `buf` (on every simple query, so without the formatting machinery).
+fn placeholder(n: usize, buf: &mut [u8; 21]) -> &str {
+    let mut at = buf.len();
     let mut rest = n;
     loop {
         at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
+        buf[at] = b'0' + (rest % 10) as u8;
         rest /= 10;
         if rest == 0 {
             break;
         }
     }
-    key.push('$');
-    key.extend(digits[at..].iter().map(|&d| char::from(d)));
+    at -= 1;
+    buf[at] = b'$';
+    std::str::from_utf8(&buf[at..]).unwrap_or("$")
 }
 
-/// Replaces the plain number and string literals of `sql` with `$1`, `$2`, …; `None` when
-/// the text has parameters or anything the lexer does not handle.
-pub fn normalize(sql: &str) -> Option<Normalized> {
+/// Appends `$n`.
+fn push_placeholder(key: &mut String, n: usize) {
+    key.push_str(placeholder(n, &mut [0; 21]));
+}
+
+/// Where a literal stands in a statement text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LiteralSpan {
+    start: usize,
+    end: usize,
+    text: bool,
+}
+
+/// The end of the standard string constant that opens at `b[i]` (a quote); `None` for
+/// what the lexer leaves to the parser.
+fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        match b.get(i) {
+            None => return None,
+            Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+            Some(b'\'') => break,
+            // standard_conforming_strings may be off: leave it to the parser
+            Some(b'\\') => return None,
+            Some(_) => i += 1,
+        }
+    }
+    i += 1;
+    // 'a' 'b' on two lines is one constant in PostgreSQL
+    match b[i..].iter().find(|x| !x.is_ascii_whitespace()) {
+        Some(b'\'') => None,
+        _ => Some(i),
+    }
+}
+
+/// The end of the plain unsigned number that starts at `b[i]` (a digit); `None` for what
+/// the lexer leaves to the parser.
+fn number_end(b: &[u8], mut i: usize) -> Option<usize> {
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !b.get(i).is_some_and(u8::is_ascii_digit) {
+            return None; // `1.` and `1..2`
+        }
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+    }
+    // exponents, 0x1F, 1_000, 12abc: left to the parser
+    if b.get(i).is_some_and(|&x| is_word_byte(x) || x == b'.') {
+        return None;
+    }
+    Some(i)
+}
+
+/// Finds the plain number and string literals of `sql`, in order, without allocating;
+/// false when the text has parameters or anything the lexer does not handle.
+fn literal_spans(sql: &str, mut found: impl FnMut(LiteralSpan)) -> bool {
     let b = sql.as_bytes();
-    let mut key = String::with_capacity(sql.len());
-    let mut literals = Vec::new();
-    // the last word outside literals, comments and quoted names, lower-cased on demand
+    // the last word outside literals, comments and quoted names
     let mut last_word: Option<(usize, usize)> = None;
-    let mut copied = 0;
     let mut i = 0;
-    let mut put_literal = |key: &mut String, copied: &mut usize, start, end, lit| {
-        key.push_str(&sql[*copied..start]);
-        literals.push(lit);
-        push_placeholder(key, literals.len());
-        *copied = end;
-    };
     while i < b.len() {
         let c = b[i];
         match c {
-            b'$' | b'\\' => return None,
+            b'$' | b'\\' => return false,
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 i = b[i..]
                     .iter()
@@ -101,9 +149,11 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                     .map_or(b.len(), |p| i + p + 1);
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
-                let end = sql[i + 2..].find("*/")? + i + 2;
+                let Some(end) = sql[i + 2..].find("*/").map(|e| e + i + 2) else {
+                    return false;
+                };
                 if sql[i + 2..end].contains("/*") {
-                    return None; // nested comments
+                    return false; // nested comments
                 }
                 i = end + 2;
             }
@@ -111,7 +161,7 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                 i += 1;
                 loop {
                     match b.get(i) {
-                        None => return None,
+                        None => return false,
                         Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
                         Some(b'"') => break,
                         Some(_) => i += 1,
@@ -123,33 +173,13 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
             b'\'' => {
                 // E'…', B'…', X'…', N'…', U&'…': prefixed constants are left to the parser
                 if i > 0 && (is_word_byte(b[i - 1]) || b[i - 1] == b'&') {
-                    return None;
+                    return false;
                 }
                 let start = i;
-                let mut value = String::new();
-                let mut from = i + 1;
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return None,
-                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => {
-                            value.push_str(&sql[from..=i]);
-                            i += 2;
-                            from = i;
-                        }
-                        Some(b'\'') => break,
-                        // standard_conforming_strings may be off: leave it to the parser
-                        Some(b'\\') => return None,
-                        Some(_) => i += 1,
-                    }
-                }
-                value.push_str(&sql[from..i]);
-                i += 1;
-                // 'a' 'b' on two lines is one constant in PostgreSQL
-                let next = b[i..].iter().find(|x| !x.is_ascii_whitespace());
-                if next == Some(&b'\'') {
-                    return None;
-                }
+                let Some(end) = string_end(b, i) else {
+                    return false;
+                };
+                i = end;
                 let is_value = match last_word {
                     None => true,
                     Some((ws, we)) => {
@@ -161,45 +191,35 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                     }
                 };
                 if is_value {
-                    put_literal(&mut key, &mut copied, start, i, Literal::Text(value));
+                    found(LiteralSpan {
+                        start,
+                        end: i,
+                        text: true,
+                    });
                 }
                 last_word = None;
             }
             b'0'..=b'9' => {
                 let start = i;
-                while i < b.len() && b[i].is_ascii_digit() {
-                    i += 1;
-                }
-                if b.get(i) == Some(&b'.') {
-                    i += 1;
-                    if !b.get(i).is_some_and(u8::is_ascii_digit) {
-                        return None; // `1.` and `1..2`
-                    }
-                    while i < b.len() && b[i].is_ascii_digit() {
-                        i += 1;
-                    }
-                }
-                // exponents, 0x1F, 1_000, 12abc: left to the parser
-                if b.get(i).is_some_and(|&x| is_word_byte(x) || x == b'.') {
-                    return None;
-                }
-                put_literal(
-                    &mut key,
-                    &mut copied,
+                let Some(end) = number_end(b, i) else {
+                    return false;
+                };
+                i = end;
+                found(LiteralSpan {
                     start,
-                    i,
-                    Literal::Number(sql[start..i].to_string()),
-                );
+                    end: i,
+                    text: false,
+                });
                 last_word = None;
             }
-            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => return None,
+            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => return false,
             _ if is_word_byte(c) => {
                 let start = i;
                 while i < b.len() && (is_word_byte(b[i]) || b[i] == b'$') {
                     i += 1;
                 }
                 if b[start..i].contains(&b'$') {
-                    return None;
+                    return false;
                 }
                 last_word = Some((start, i));
             }
@@ -211,8 +231,75 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
             }
         }
     }
+    true
+}
+
+/// Replaces the plain number and string literals of `sql` with `$1`, `$2`, …; `None` when
+/// the text has parameters or anything the lexer does not handle.
+pub fn normalize(sql: &str) -> Option<Normalized> {
+    let mut key = String::with_capacity(sql.len());
+    let mut literals = Vec::new();
+    let mut copied = 0;
+    let lexed = literal_spans(sql, |span| {
+        key.push_str(&sql[copied..span.start]);
+        literals.push(if span.text {
+            Literal::Text(sql[span.start + 1..span.end - 1].replace("''", "'"))
+        } else {
+            Literal::Number(sql[span.start..span.end].to_string())
+        });
+        push_placeholder(&mut key, literals.len());
+        copied = span.end;
+    });
+    if !lexed {
+        return None;
+    }
     key.push_str(&sql[copied..]);
     Some(Normalized { key, literals })
+}
+
+/// True when `normalize(sql)` would give `key` and literals of the kinds `texts` (true: a
+/// string, false: a number), at least one; the relay asks this of every simple query
+/// against the session's last shape. Found in one pass beside the key, without lexing
+/// the rest: outside its literals the text must be the key's bytes, and the lexer's
+/// decisions there depend only on those bytes and on where each literal ends (a literal
+/// of the same kind in the same place is lexed the same way, whatever its value). A key
+/// with a `$` of its own (in a comment, a kept string or a quoted name) matches nothing.
+pub fn has_shape(sql: &str, key: &str, texts: &[bool]) -> bool {
+    let (s, k) = (sql.as_bytes(), key.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    if texts.is_empty() {
+        return false;
+    }
+    for (n, &text) in texts.iter().enumerate() {
+        // the key has no `$` but its placeholders (a text with one is not normalized)
+        let Some(at) = k[j..].iter().position(|&c| c == b'$') else {
+            return false;
+        };
+        let between = &k[j..j + at];
+        if s.get(i..i + between.len()) != Some(between) {
+            return false;
+        }
+        i += between.len();
+        j += at;
+        let mut buf = [0; 21];
+        let mark = placeholder(n + 1, &mut buf).as_bytes();
+        if k.get(j..j + mark.len()) != Some(mark)
+            || k.get(j + mark.len()).is_some_and(u8::is_ascii_digit)
+        {
+            return false;
+        }
+        j += mark.len();
+        let end = match (text, s.get(i)) {
+            (true, Some(b'\'')) => string_end(s, i),
+            (false, Some(b'0'..=b'9')) => number_end(s, i),
+            _ => None,
+        };
+        let Some(end) = end else {
+            return false;
+        };
+        i = end;
+    }
+    !k[j..].contains(&b'$') && s[i..] == k[j..]
 }
 
 /// Puts `literals` back in place of the placeholders `$1`, `$2`, … of `query`; false when
@@ -329,6 +416,119 @@ mod tests {
         ] {
             assert_eq!(normalize(sql), None, "{sql}");
         }
+    }
+
+    fn kinds(literals: &[Literal]) -> Vec<bool> {
+        literals
+            .iter()
+            .map(|l| matches!(l, Literal::Text(_)))
+            .collect()
+    }
+
+    #[test]
+    fn has_shape_agrees_with_normalize() {
+        let texts = [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 4711;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = '12';",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12 and bid = 3;",
+            "select * from t where s = 'it''s' and x in (1, 2.50) limit 10",
+            "select * from t where s = 'x' and x in (7, 0.5) limit 1",
+            "select * from t where s = 'x' and x in (7, 0.5, 9) limit 1",
+            "select * from t where s = date '2024-01-01'",
+            "select * from t",
+            "select 1e5",
+            "select 'a' -- 1\n",
+            "select 'b' -- 2\n",
+            "select 10",
+            "select 1",
+        ];
+        for a in texts {
+            for b in texts {
+                // the key of b (or b itself as a key-like text) and its literals' kinds
+                let (key, texts) = match normalize(b) {
+                    Some(n) => (n.key, kinds(&n.literals)),
+                    None => (b.to_string(), vec![false]),
+                };
+                let want = normalize(a).is_some_and(|n| {
+                    n.key == key && kinds(&n.literals) == texts && !texts.is_empty()
+                });
+                assert_eq!(
+                    has_shape(a, &key, &texts),
+                    want,
+                    "{a} against the key of {b}"
+                );
+            }
+        }
+        // a key is only ever equal to a shape with as many placeholders, in order
+        assert!(!has_shape("select 1, 2", "select $2, $1", &[false, false]));
+        assert!(!has_shape("select 1", "select $1, $2", &[false]));
+        assert!(!has_shape("select 1", "select $1, $2", &[false, false]));
+        assert!(!has_shape("select 1", "select $11", &[false]));
+        assert!(has_shape("select 1", "select $1", &[false]));
+        assert!(!has_shape("select 1", "select $1", &[true]));
+        assert!(!has_shape("select 1", "select 1", &[]));
+    }
+
+    #[test]
+    fn has_shape_agrees_with_normalize_on_generated_texts() {
+        const PIECES: &[&str] = &[
+            "select", " ", "x", "t1", "where", "date", "in", "(", ")", ",", "=", "-", ".", "::",
+            "1", "42", "0.5", "7.", "1e3", "'a'", "'it''s'", "''", "'$1'", "E'x'", "\"q 1\"",
+            "/* 2 */", "-- 3\n", "\n", "$1", "a$b", "'\\'", "&", ";", "'open", "/* open",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n
+        };
+        // each text and a sibling with other values in its literals' places
+        let value = |p: &'static str, other: bool| match (p, other) {
+            ("1", true) => "42",
+            ("42", true) => "1",
+            ("0.5", true) => "13.25",
+            ("'a'", true) => "'it''s'",
+            ("'it''s'", true) => "''",
+            ("''", true) => "'a'",
+            _ => p,
+        };
+        let mut texts = Vec::new();
+        for _ in 0..3000 {
+            let pieces: Vec<&str> = (0..1 + next(12))
+                .map(|_| PIECES[next(PIECES.len())])
+                .collect();
+            texts.push(pieces.iter().map(|p| value(p, false)).collect::<String>());
+            texts.push(pieces.iter().map(|p| value(p, true)).collect::<String>());
+        }
+        let (mut compared, mut matched) = (0, 0);
+        for (ai, a) in texts.iter().enumerate() {
+            // against its own key, and a few others' (most differ, some collide)
+            for b in [a, &texts[ai ^ 1], &texts[next(texts.len())]] {
+                let Some(nb) = normalize(b) else { continue };
+                let texts_b = kinds(&nb.literals);
+                let want = normalize(a).is_some_and(|na| {
+                    na.key == nb.key && kinds(&na.literals) == texts_b && !texts_b.is_empty()
+                });
+                let got = has_shape(a, &nb.key, &texts_b);
+                // never a shape it does not have; a key with a `$` of its own (in a
+                // comment, string or quoted name) is not matched at all
+                let own_dollar = nb.key.matches('$').count() > texts_b.len();
+                assert!(
+                    got == want || (own_dollar && !got),
+                    "{a:?} against {b:?}: {got}"
+                );
+                compared += 1;
+                matched += usize::from(got);
+            }
+        }
+        assert!(
+            compared > 4000 && matched > 1000,
+            "{compared} compared, {matched} matched"
+        );
     }
 
     #[test]

@@ -120,7 +120,7 @@ async fn replica_snapshots(
     for pool in env.pools.backends.iter().skip(1) {
         // a banned replica, or one without a slot for a worker besides the snapshot's own
         // connection, sits this query out rather than making it wait
-        if pool.stats.view().banned || pool.free_slots() < 2 {
+        if pool.stats.is_banned() || pool.free_slots() < 2 {
             continue;
         }
         let Some(permit) = pool.try_reserve() else {
@@ -482,21 +482,50 @@ pub async fn route_for(
     }
 }
 
-/// Why the candidate passes through, judged from cached catalog facts only: the label of
-/// the reason, or `None` when it may fan out or a table it names is not cached. For a
-/// shape's template only a reason that holds whatever the literals counts
-/// (`PassReason::holds_for_any_literal`). The verdict is kept on the candidate while the
-/// catalog entries it read stay fresh and unchanged and the fragment slots stay the same.
-pub fn cached_pass_label(
+/// A pass-through verdict from cached catalog facts, and what it was judged under: a
+/// session may keep it for the next text of the same shape while [`CachedPass::holds`].
+#[derive(Debug, Clone)]
+pub struct CachedPass {
+    /// The label of the reason (the passthrough-reasons metric).
+    pub label: &'static str,
+    catalog_epoch: u64,
+    slots: usize,
+    fresh_until: Instant,
+}
+
+impl CachedPass {
+    /// The facts the verdict was judged under are the same now, for a session in
+    /// transaction status `status` (the session's database is fixed).
+    pub fn holds(&self, env: &FanoutEnv, status: u8) -> bool {
+        self.catalog_epoch == env.catalog.epoch()
+            && self.slots == usable_slots(env, status, false)
+            && Instant::now() < self.fresh_until
+    }
+}
+
+/// Why the candidate passes through, judged from cached catalog facts only, or `None` when
+/// it may fan out or a table it names is not cached. For a shape's template only a reason
+/// that holds whatever the literals counts (`PassReason::holds_for_any_literal`). The
+/// verdict is kept on the candidate while the catalog entries it read stay fresh and
+/// unchanged and the fragment slots stay the same.
+pub fn cached_pass(
     env: &FanoutEnv,
     login: &LoginKey,
     status: u8,
     candidate: &plan::Candidate,
-) -> Option<&'static str> {
+) -> Option<CachedPass> {
     let slots = usable_slots(env, status, false);
-    let epoch = env.catalog.epoch();
-    if let Some(verdict) = candidate.screen.get(&login.1, epoch, slots) {
-        return verdict;
+    let catalog_epoch = env.catalog.epoch();
+    let pass = |label: Option<&'static str>, fresh_until| {
+        label.map(|label| CachedPass {
+            label,
+            catalog_epoch,
+            slots,
+            fresh_until,
+        })
+    };
+    if let Some((verdict, fresh_until)) = candidate.screen.get(&login.1, catalog_epoch, slots) {
+        return pass(verdict, fresh_until);
     }
     let (tables, fresh_until) = cached_table_set(env, login, candidate)?;
     let verdict = match route_from_slots(env, candidate, tables.as_ref(), slots) {
@@ -509,8 +538,8 @@ pub fn cached_pass_label(
     };
     candidate
         .screen
-        .put(&login.1, epoch, fresh_until, slots, verdict);
-    verdict
+        .put(&login.1, catalog_epoch, fresh_until, slots, verdict);
+    pass(verdict, fresh_until)
 }
 
 /// Fragment slots of the backends a statement may use: inside a transaction block

@@ -21,10 +21,10 @@ use tracing::{debug, warn};
 
 use crate::backends::connect::CancelTarget;
 use crate::backends::pool::LoginKey;
-use crate::metrics::SessionMetrics;
+use crate::metrics::SessionTally;
 use crate::plan::{self, Candidate};
 use crate::protocol::{self, BindParams, ErrorFields};
-use fanout::{FanoutEnv, Outcome, Pinned, Request};
+use fanout::{CachedPass, FanoutEnv, Outcome, Pinned, Request};
 use frame::{MessageCursor, Visit};
 
 impl Intercept {
@@ -95,6 +95,10 @@ struct Intercept {
     /// Forward the next message without intercepting it (it fell back to pass-through).
     bypass: bool,
     flush_sent: bool,
+    /// The shape of the last simple query that passed through on cached facts (its key
+    /// and its literals' kinds, see [`plan::literals::has_shape`]) and its verdict: the
+    /// next text of that shape is judged without the shared cache.
+    last_pass: Option<(String, Vec<bool>, CachedPass)>,
     /// A savepoint was opened in this transaction: a subtransaction cannot export a
     /// snapshot, so nothing fans out until the transaction ends.
     savepoint: bool,
@@ -246,15 +250,14 @@ struct Tracker<'a> {
     /// A BEGIN completed since the last ReadyForQuery (a pipeline that opens a
     /// transaction block before its Sync): the last status says idle, but it is not.
     began: bool,
-    metrics: &'a SessionMetrics,
+    metrics: SessionTally<'a>,
     state: &'a mut SessionState,
 }
 
 impl Tracker<'_> {
     fn request(&mut self) {
         if self.inflight.is_empty() {
-            self.metrics.backend_active.increment(1.0);
-            self.metrics.backend_idle.decrement(1.0);
+            self.metrics.backend_busy();
         }
         self.inflight.push_back(Instant::now());
     }
@@ -263,11 +266,8 @@ impl Tracker<'_> {
         self.state.status = status;
         self.began = false;
         if let Some(start) = self.inflight.pop_front() {
-            self.metrics.duration.record(start.elapsed().as_secs_f64());
-            if self.inflight.is_empty() {
-                self.metrics.backend_active.decrement(1.0);
-                self.metrics.backend_idle.increment(1.0);
-            }
+            self.metrics
+                .request_done(start.elapsed().as_secs_f64(), self.inflight.is_empty());
         }
     }
 
@@ -336,11 +336,7 @@ impl Tracker<'_> {
 
 impl Drop for Tracker<'_> {
     fn drop(&mut self) {
-        if self.inflight.is_empty() {
-            self.metrics.backend_idle.decrement(1.0);
-        } else {
-            self.metrics.backend_active.decrement(1.0);
-        }
+        self.metrics.backend_state(!self.inflight.is_empty(), -1);
     }
 }
 
@@ -356,15 +352,18 @@ pub async fn relay<C, B>(
     backend_pending: BytesMut,
     backend_cancel: &CancelTarget,
     state: &mut SessionState,
-    metrics: &SessionMetrics,
+    metrics: SessionTally<'_>,
     fanout: Option<FanoutSession<'_>>,
 ) -> (RelayEnd, Option<B>)
 where
-    C: AsyncRead + AsyncWrite,
+    C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut backend_rd, mut backend_wr) = tokio::io::split(backend);
+    // Each socket is used whole: the pump below reads and writes it in turn from one
+    // poll, so `tokio::io::split` (a lock on every read and write) is only paid by a
+    // fan-out, which needs the halves at once.
+    let mut client = client;
+    let mut backend = backend;
     let mut client_in = client_pending;
     let mut backend_in = backend_pending;
     let mut client_cursor = MessageCursor::default();
@@ -373,7 +372,7 @@ where
     let mut to_client = OutQueue::default();
     let mut client_room = ReadRoom::new();
     let mut backend_room = ReadRoom::new();
-    metrics.backend_idle.increment(1.0);
+    metrics.backend_state(false, 1);
     let mut tracker = Tracker {
         inflight: VecDeque::new(),
         unsynced: false,
@@ -519,6 +518,8 @@ where
                     }
                     None => continue,
                 };
+                let (mut backend_rd, mut backend_wr) = tokio::io::split(&mut backend);
+                let (mut client_rd, mut client_wr) = tokio::io::split(&mut client);
                 let mut pinned = Pinned {
                     rd: &mut backend_rd,
                     wr: &mut backend_wr,
@@ -592,7 +593,7 @@ where
                 let mut progress = false;
                 // writes first: queued replies go out before more is read
                 if to_backend.has_work() && !backend_eof {
-                    match to_backend.poll_drain(cx, &mut backend_wr) {
+                    match to_backend.poll_drain(cx, &mut backend) {
                         Poll::Ready(Ok(())) => progress = true,
                         Poll::Ready(Err(_)) => {
                             backend_eof = true;
@@ -603,7 +604,7 @@ where
                     }
                 }
                 if to_client.has_work() {
-                    match to_client.poll_drain(cx, &mut client_wr) {
+                    match to_client.poll_drain(cx, &mut client) {
                         Poll::Ready(Ok(())) => progress = true,
                         Poll::Ready(Err(_)) => return Poll::Ready(Some(RelayEnd::ClientGone)),
                         Poll::Pending => {}
@@ -613,7 +614,7 @@ where
                     && to_backend.bytes < QUEUE_LIMIT
                     && intercept.held.is_none();
                 if read_client {
-                    match client_room.poll_read(cx, &mut client_rd, &mut client_in) {
+                    match client_room.poll_read(cx, &mut client, &mut client_in) {
                         Poll::Ready(Ok(0) | Err(_)) => {
                             return Poll::Ready(Some(RelayEnd::ClientGone))
                         }
@@ -628,7 +629,7 @@ where
                     && !backend_eof
                     && to_client.bytes < QUEUE_LIMIT;
                 if read_backend {
-                    match backend_room.poll_read(cx, &mut backend_rd, &mut backend_in) {
+                    match backend_room.poll_read(cx, &mut backend, &mut backend_in) {
                         Poll::Ready(Ok(0) | Err(_)) => {
                             backend_eof = true;
                             if !backend_cursor.at_boundary() || !backend_in.is_empty() {
@@ -679,8 +680,8 @@ where
         });
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let _ = client_wr.flush().await;
-        let _ = client_wr.shutdown().await;
+        let _ = client.flush().await;
+        let _ = client.shutdown().await;
     })
     .await;
     let reusable = end == RelayEnd::ClientTerminated
@@ -692,12 +693,12 @@ where
         && backend_in.is_empty();
     drop(tracker);
     if reusable {
-        return (end, Some(backend_rd.unsplit(backend_wr)));
+        return (end, Some(backend));
     }
     if !backend_eof {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-            let _ = backend_wr.write_all(&[b'X', 0, 0, 0, 4]).await;
-            let _ = backend_wr.flush().await;
+            let _ = backend.write_all(&[b'X', 0, 0, 0, 4]).await;
+            let _ = backend.flush().await;
         })
         .await;
     }
@@ -727,7 +728,7 @@ fn scan_client(
             }
             match header.tag {
                 b'Q' => {
-                    tracker.metrics.queries.increment(1);
+                    tracker.metrics.query();
                     tracker.request();
                     tracker.expect.push_back(b'Q');
                 }
@@ -736,7 +737,7 @@ fn scan_client(
                     tracker.expect.push_back(b'F');
                 }
                 b'E' => {
-                    tracker.metrics.queries.increment(1);
+                    tracker.metrics.query();
                     tracker.unsynced = true;
                     tracker.expect.push_back(b'E');
                 }
@@ -790,11 +791,24 @@ fn watch_client(
             if bypass || intercept.savepoint || tracker.unsynced || !plan::worth_parsing(&sql) {
                 return Visit::Forward;
             }
+            // the shape of the session's last simple query that passed through: no lookup
+            // in the shared cache while the facts it was judged under hold
+            if let Some((key, texts, pass)) = &intercept.last_pass {
+                if plan::literals::has_shape(&sql, key, texts)
+                    && pass.holds(fs.env, tracker.status_now())
+                {
+                    tracker.metrics.passthrough(pass.label);
+                    return Visit::Forward;
+                }
+            }
             let lookup = fs.env.statements.lookup(&sql);
             // a literal-only variant of a statement shape known to pass through
-            if let Some(t) = lookup.template() {
-                if !t.explain && passes_cached(fs, tracker.status_now(), t) {
-                    return Visit::Forward;
+            if let (Some(t), Some((key, texts))) = (lookup.template(), lookup.shape()) {
+                if !t.explain {
+                    if let Some(pass) = passes_cached(fs, tracker, t) {
+                        intercept.last_pass = Some((key.to_string(), texts, pass));
+                        return Visit::Forward;
+                    }
                 }
             }
             let candidate = match lookup.candidate(&sql) {
@@ -809,7 +823,7 @@ fn watch_client(
                 }
                 Err(_) => return Visit::Forward,
             };
-            if !candidate.explain && passes_cached(fs, tracker.status_now(), &candidate) {
+            if !candidate.explain && passes_cached(fs, tracker, &candidate).is_some() {
                 return Visit::Forward;
             }
             intercept.held = Some(Held::Query {
@@ -874,7 +888,7 @@ fn watch_client(
             // transaction status cannot change between a Bind and its Execute, since a
             // portal ends with its transaction.
             let may_fan_out = |p: &&Arc<Prepared>| match &p.candidate {
-                Ok(c) => c.explain || !passes_cached(fs, tracker.status_now(), c),
+                Ok(c) => c.explain || passes_cached(fs, tracker, c).is_none(),
                 Err(_) => true,
             };
             let prepared = intercept.statements.get(&*statement).filter(may_fan_out);
@@ -927,7 +941,7 @@ fn watch_client(
                 Ok(c) => {
                     if max_rows != 0
                         || intercept.savepoint
-                        || passes_cached(fs, tracker.status_now(), c)
+                        || passes_cached(fs, tracker, c).is_some()
                     {
                         return Visit::Forward;
                     }
@@ -969,17 +983,17 @@ fn explain_stand_in(name: &str, sql: &str, param_types: &[u32]) -> Bytes {
     out.freeze()
 }
 
-/// True when cached catalog facts already say the statement passes through (the common
-/// case for OLTP point queries: no need to hold anything back); see
-/// [`fanout::cached_pass_label`].
-fn passes_cached(fs: &FanoutSession<'_>, status: u8, candidate: &Candidate) -> bool {
-    match fanout::cached_pass_label(fs.env, &fs.login, status, candidate) {
-        Some(label) => {
-            crate::metrics::count_passthrough(label);
-            true
-        }
-        None => false,
-    }
+/// Why cached catalog facts already say the statement passes through (the common case for
+/// OLTP point queries: no need to hold anything back), counted as such; see
+/// [`fanout::cached_pass`].
+fn passes_cached(
+    fs: &FanoutSession<'_>,
+    tracker: &Tracker<'_>,
+    candidate: &Candidate,
+) -> Option<CachedPass> {
+    let pass = fanout::cached_pass(fs.env, &fs.login, tracker.status_now(), candidate)?;
+    tracker.metrics.passthrough(pass.label);
+    Some(pass)
 }
 
 /// Scans server bytes: tracks ReadyForQuery status and ParameterStatus values.

@@ -84,7 +84,10 @@ impl ServerContext {
             tls,
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
-            metrics: crate::metrics::ServerMetrics::new(&config.primary().name),
+            metrics: crate::metrics::ServerMetrics::new(
+                &config.primary().name,
+                config.session_threads.max(1),
+            ),
             session_pools: (0..config.session_threads.max(1))
                 .map(|_| SessionPool::new(config.backend_idle_timeout, 1000))
                 .collect(),

@@ -99,7 +99,7 @@ pub async fn run(ctx: Arc<ServerContext>, socket: TcpStream, session_id: u64, th
         std::mem::take(&mut backend.pending),
         &backend_cancel,
         &mut state,
-        &ctx.metrics.session,
+        ctx.metrics.session.thread(thread),
         ctx.config.fanout.enabled.then_some(relay::FanoutSession {
             env: &ctx.fanout,
             login,
