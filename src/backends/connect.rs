@@ -159,6 +159,22 @@ pub struct BackendConnection {
     pub pending: BytesMut,
 }
 
+impl BackendConnection {
+    /// The same connection with its socket registered with the current thread's runtime,
+    /// so that its reads wake this thread's event loop and not the one of the thread that
+    /// parked it (a wakeup of another thread on every reply otherwise). A TLS stream keeps
+    /// its registration; `None` when the socket cannot be moved (it is closed).
+    pub fn rehomed(self) -> Option<Self> {
+        let stream = match self.stream {
+            BackendStream::Plain(s) => {
+                BackendStream::Plain(TcpStream::from_std(s.into_std().ok()?).ok()?)
+            }
+            tls => tls,
+        };
+        Some(BackendConnection { stream, ..self })
+    }
+}
+
 /// Opens a connection and logs in with `params` (user, database, options, …).
 pub async fn connect(
     url: &BackendUrl,

@@ -109,9 +109,10 @@ impl ServerContext {
     }
 
     /// A reset connection for `key`: one parked by session thread `thread` if there is
-    /// one, else one parked by another thread. Such a connection still works, though each
-    /// of its reads wakes the thread it is registered with; a new login would cost far
-    /// more, and a client expects an idle reset backend to be reused, as with pgbouncer.
+    /// one, else one parked by another thread, moved to this thread's event loop (a TLS
+    /// one stays registered with its old thread, whose loop then relays each of its
+    /// reads). A new login would cost far more, and a client expects an idle reset
+    /// backend to be reused, as with pgbouncer.
     pub fn checkout_backend(
         &self,
         thread: usize,
@@ -124,6 +125,7 @@ impl ServerContext {
                 .enumerate()
                 .filter(|(i, _)| *i != own)
                 .find_map(|(_, pool)| pool.checkout(key))
+                .and_then(|conn| conn.rehomed())
         })
     }
 }
