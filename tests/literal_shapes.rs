@@ -178,6 +178,56 @@ async fn literals_of_one_shape_keep_their_own_routes() {
         check(&pgfan, &via, &direct, &sql, false, FanOut).await;
     }
 
+    // A session remembers the shape of its last simple query and the statement of its last
+    // Bind that passed through; neither may outlive a catalog change made in the session:
+    // without the primary key, the same shape and the same prepared statement fan out.
+    let by_id_param = "SELECT id, skew, pad FROM shapes_t WHERE id = $1";
+    let via_stmt = via.prepare(by_id_param).await.expect("prepare via pgfan");
+    let direct_stmt = direct.prepare(by_id_param).await.expect("prepare direct");
+    let bound = |id: i32, expect: Expect| {
+        let (pgfan, via, direct) = (&pgfan, &via, &direct);
+        let (via_stmt, direct_stmt) = (&via_stmt, &direct_stmt);
+        async move {
+            let before = routes(pgfan).await;
+            let rows = |r: Vec<tokio_postgres::Row>| {
+                r.iter()
+                    .map(|r| {
+                        (
+                            r.get::<_, i32>(0),
+                            r.get::<_, i32>(1),
+                            r.get::<_, String>(2),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let got = rows(via.query(via_stmt, &[&id]).await.expect("bound via pgfan"));
+            let want = rows(
+                direct
+                    .query(direct_stmt, &[&id])
+                    .await
+                    .expect("bound direct"),
+            );
+            assert_eq!(got, want, "{by_id_param} with {id}");
+            let after = routes(pgfan).await;
+            let fanned = after.0 - before.0;
+            match expect {
+                FanOut => assert_eq!(fanned, 1.0, "{by_id_param} with {id} should fan out"),
+                PointLookup => {
+                    assert_eq!(fanned, 0.0, "{by_id_param} with {id} should pass through")
+                }
+            }
+        }
+    };
+    for id in [2, 3] {
+        check(&pgfan, &via, &direct, &by_id(id.into()), false, PointLookup).await;
+        bound(id, PointLookup).await;
+    }
+    via.batch_execute("ALTER TABLE shapes_t DROP CONSTRAINT shapes_t_pkey")
+        .await
+        .expect("drop the primary key through pgfan");
+    check(&pgfan, &via, &direct, &by_id(5), false, FanOut).await;
+    bound(6, FanOut).await;
+
     // EXPLAIN FANOUT answers for the text's own literal, not the shape's
     for (v, want) in [
         (0, "FanOut:"),

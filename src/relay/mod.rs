@@ -99,6 +99,9 @@ struct Intercept {
     /// and its literals' kinds, see [`plan::literals::has_shape`]) and its verdict: the
     /// next text of that shape is judged without the shared cache.
     last_pass: Option<(String, Vec<bool>, CachedPass)>,
+    /// The prepared statement of the last Bind that passed through on cached facts, and
+    /// its verdict.
+    last_bind_pass: Option<(Arc<Prepared>, CachedPass)>,
     /// A savepoint was opened in this transaction: a subtransaction cannot export a
     /// snapshot, so nothing fans out until the transaction ends.
     savepoint: bool,
@@ -887,12 +890,29 @@ fn watch_client(
             // judged here, once per Bind: its Execute then finds no portal and goes on. The
             // transaction status cannot change between a Bind and its Execute, since a
             // portal ends with its transaction.
-            let may_fan_out = |p: &&Arc<Prepared>| match &p.candidate {
-                Ok(c) => c.explain || passes_cached(fs, tracker, c).is_none(),
-                Err(_) => true,
+            let prepared = intercept.statements.get(&*statement).cloned();
+            let may_fan_out = |p: &Arc<Prepared>, intercept: &mut Intercept| {
+                // the session's last statement that passed through: its verdict holds
+                // while the facts it was judged under do, without the shared memo
+                if let Some((last, pass)) = &intercept.last_bind_pass {
+                    if Arc::ptr_eq(last, p) && pass.holds(fs.env, tracker.status_now()) {
+                        tracker.metrics.passthrough(pass.label);
+                        return false;
+                    }
+                }
+                match &p.candidate {
+                    Ok(c) if !c.explain => match passes_cached(fs, tracker, c) {
+                        Some(pass) => {
+                            intercept.last_bind_pass = Some((p.clone(), pass));
+                            false
+                        }
+                        None => true,
+                    },
+                    _ => true,
+                }
             };
-            let prepared = intercept.statements.get(&*statement).filter(may_fan_out);
-            match prepared.cloned().zip(BindParams::parse(body)) {
+            let prepared = prepared.filter(|p| may_fan_out(p, intercept));
+            match prepared.zip(BindParams::parse(body)) {
                 Some((p, (_, _, params))) => {
                     intercept.portals.insert(portal.into_owned(), (p, params));
                 }
