@@ -87,25 +87,30 @@ struct LiteralSpan {
     text: bool,
 }
 
-/// The end of the standard string constant that opens at `b[i]` (a quote); `None` for
-/// what the lexer leaves to the parser.
-fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+/// The index after the quote that closes the quoted text opening at `b[i]` (a doubled
+/// quote stands for itself); `None` when it does not close, or, with `backslash`, when it
+/// holds a backslash (standard_conforming_strings may be off: left to the parser).
+fn quoted_end(b: &[u8], mut i: usize, quote: u8, backslash: bool) -> Option<usize> {
     i += 1;
     loop {
         match b.get(i) {
             None => return None,
-            Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
-            Some(b'\'') => break,
-            // standard_conforming_strings may be off: leave it to the parser
-            Some(b'\\') => return None,
+            Some(&c) if c == quote && b.get(i + 1) == Some(&quote) => i += 2,
+            Some(&c) if c == quote => return Some(i + 1),
+            Some(b'\\') if backslash => return None,
             Some(_) => i += 1,
         }
     }
-    i += 1;
+}
+
+/// The end of the standard string constant that opens at `b[i]` (a quote); `None` for
+/// what the lexer leaves to the parser.
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let end = quoted_end(b, i, b'\'', true)?;
     // 'a' 'b' on two lines is one constant in PostgreSQL
-    match b[i..].iter().find(|x| !x.is_ascii_whitespace()) {
+    match b[end..].iter().find(|x| !x.is_ascii_whitespace()) {
         Some(b'\'') => None,
-        _ => Some(i),
+        _ => Some(end),
     }
 }
 
@@ -158,16 +163,10 @@ fn literal_spans(sql: &str, mut found: impl FnMut(LiteralSpan)) -> bool {
                 i = end + 2;
             }
             b'"' => {
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return false,
-                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
-                        Some(b'"') => break,
-                        Some(_) => i += 1,
-                    }
-                }
-                i += 1;
+                let Some(end) = quoted_end(b, i, b'"', false) else {
+                    return false;
+                };
+                i = end;
                 last_word = None;
             }
             b'\'' => {
