@@ -131,6 +131,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // the session threads' metric tallies go into the registry before it is read
+        let publish = {
+            let ctx = ctx.clone();
+            move || ctx.metrics.session.publish()
+        };
         if let Some(addr) = config.metrics_listen {
             let metrics_listener = match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => l,
@@ -139,17 +144,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let sessions = ctx.clone();
             tokio::spawn(pgfan::metrics::serve(
                 metrics_listener,
                 metrics.clone(),
-                move || sessions.metrics.session.publish(),
+                publish.clone(),
             ));
         }
-        let sessions = ctx.clone();
-        tokio::spawn(pgfan::metrics::keep_up(metrics, move || {
-            sessions.metrics.session.publish()
-        }));
+        tokio::spawn(pgfan::metrics::keep_up(metrics, publish));
         tokio::select! {
             r = server::serve(listener, ctx) => match r {
                 Ok(()) => ExitCode::SUCCESS,

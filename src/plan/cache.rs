@@ -76,10 +76,7 @@ impl Lookup {
         match self {
             Lookup::Template(_, literals, key) => Some((
                 key,
-                literals
-                    .iter()
-                    .map(|l| matches!(l, literals::Literal::Text(_)))
-                    .collect(),
+                literals.iter().map(literals::Literal::is_text).collect(),
             )),
             Lookup::Parsed(_) => None,
         }

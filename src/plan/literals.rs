@@ -28,6 +28,11 @@ pub enum Literal {
 }
 
 impl Literal {
+    /// A string constant (the kind [`has_shape`] compares), not a number.
+    pub fn is_text(&self) -> bool {
+        matches!(self, Literal::Text(_))
+    }
+
     fn to_value(&self) -> Value {
         match self {
             Literal::Number(n) => Value::Number(n.clone(), false),
@@ -270,7 +275,8 @@ pub fn has_shape(sql: &str, key: &str, texts: &[bool]) -> bool {
         return false;
     }
     for (n, &text) in texts.iter().enumerate() {
-        // the key has no `$` but its placeholders (a text with one is not normalized)
+        // the next placeholder; a `$` of the key's own is taken for one here and then
+        // fails the placeholder check or the final one
         let Some(at) = k[j..].iter().position(|&c| c == b'$') else {
             return false;
         };

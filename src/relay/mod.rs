@@ -797,10 +797,7 @@ fn watch_client(
             // the shape of the session's last simple query that passed through: no lookup
             // in the shared cache while the facts it was judged under hold
             if let Some((key, texts, pass)) = &intercept.last_pass {
-                if plan::literals::has_shape(&sql, key, texts)
-                    && pass.holds(fs.env, tracker.status_now())
-                {
-                    tracker.metrics.passthrough(pass.label);
+                if plan::literals::has_shape(&sql, key, texts) && still_passes(fs, tracker, pass) {
                     return Visit::Forward;
                 }
             }
@@ -895,8 +892,7 @@ fn watch_client(
                 // the session's last statement that passed through: its verdict holds
                 // while the facts it was judged under do, without the shared memo
                 if let Some((last, pass)) = &intercept.last_bind_pass {
-                    if Arc::ptr_eq(last, p) && pass.holds(fs.env, tracker.status_now()) {
-                        tracker.metrics.passthrough(pass.label);
+                    if Arc::ptr_eq(last, p) && still_passes(fs, tracker, pass) {
                         return false;
                     }
                 }
@@ -1014,6 +1010,15 @@ fn passes_cached(
     let pass = fanout::cached_pass(fs.env, &fs.login, tracker.status_now(), candidate)?;
     tracker.metrics.passthrough(pass.label);
     Some(pass)
+}
+
+/// True when a verdict the session kept still holds, counted as a pass-through.
+fn still_passes(fs: &FanoutSession<'_>, tracker: &Tracker<'_>, pass: &CachedPass) -> bool {
+    let holds = pass.holds(fs.env, tracker.status_now());
+    if holds {
+        tracker.metrics.passthrough(pass.label);
+    }
+    holds
 }
 
 /// Scans server bytes: tracks ReadyForQuery status and ParameterStatus values.
