@@ -237,46 +237,53 @@ pub struct ScreenMemo {
 /// One screening and what it was judged under.
 struct Screening {
     database: String,
-    catalog_epoch: u64,
-    fresh_until: Instant,
-    slots: usize,
+    facts: ScreenFacts,
     verdict: Option<&'static str>,
+}
+
+/// What a screening verdict was judged under: the catalog epoch, the fragment slots, and
+/// until when the catalog entries it read stay fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScreenFacts {
+    /// The catalog's epoch at the screening.
+    pub catalog_epoch: u64,
+    /// The fragment slots the statement could use.
+    pub slots: usize,
+    /// When the catalog entries it read go stale.
+    pub fresh_until: Instant,
+}
+
+impl ScreenFacts {
+    /// The verdict still holds under `catalog_epoch` with `slots` fragment slots.
+    pub fn hold(&self, catalog_epoch: u64, slots: usize) -> bool {
+        self.catalog_epoch == catalog_epoch
+            && self.slots == slots
+            && Instant::now() < self.fresh_until
+    }
 }
 
 impl ScreenMemo {
     /// The verdict judged in `database` under `catalog_epoch` with `slots` fragment slots,
-    /// if its catalog entries are still fresh, and until when they are: `Some(Some(label))`
-    /// passes through for that reason, `Some(None)` may fan out.
+    /// if its catalog entries are still fresh, and what it was judged under:
+    /// `Some(Some(label))` passes through for that reason, `Some(None)` may fan out.
     pub fn get(
         &self,
         database: &str,
         catalog_epoch: u64,
         slots: usize,
-    ) -> Option<(Option<&'static str>, Instant)> {
+    ) -> Option<(Option<&'static str>, ScreenFacts)> {
         let last = self.last.0.lock().ok()?;
         let s = last.as_ref()?;
-        (s.catalog_epoch == catalog_epoch
-            && s.slots == slots
-            && s.database == database
-            && Instant::now() < s.fresh_until)
-            .then_some((s.verdict, s.fresh_until))
+        (s.database == database && s.facts.hold(catalog_epoch, slots))
+            .then_some((s.verdict, s.facts))
     }
 
     /// Keeps a verdict (see [`ScreenMemo::get`]).
-    pub fn put(
-        &self,
-        database: &str,
-        catalog_epoch: u64,
-        fresh_until: Instant,
-        slots: usize,
-        verdict: Option<&'static str>,
-    ) {
+    pub fn put(&self, database: &str, facts: ScreenFacts, verdict: Option<&'static str>) {
         if let Ok(mut last) = self.last.0.lock() {
             *last = Some(Screening {
                 database: database.to_string(),
-                catalog_epoch,
-                fresh_until,
-                slots,
+                facts,
                 verdict,
             });
         }
@@ -339,19 +346,27 @@ mod tests {
     fn a_screening_holds_only_under_what_it_was_judged_with() {
         let memo = ScreenMemo::default();
         let later = Instant::now() + std::time::Duration::from_secs(60);
+        let facts = |fresh_until| ScreenFacts {
+            catalog_epoch: 1,
+            slots: 4,
+            fresh_until,
+        };
         assert_eq!(memo.get("bench", 1, 4), None);
-        memo.put("bench", 1, later, 4, Some("point_lookup"));
-        assert_eq!(memo.get("bench", 1, 4), Some((Some("point_lookup"), later)));
+        memo.put("bench", facts(later), Some("point_lookup"));
+        assert_eq!(
+            memo.get("bench", 1, 4),
+            Some((Some("point_lookup"), facts(later)))
+        );
         // another database, a newer catalog epoch, other free slots: judge again
         assert_eq!(memo.get("other", 1, 4), None);
         assert_eq!(memo.get("bench", 2, 4), None);
         assert_eq!(memo.get("bench", 1, 1), None);
         // a stale catalog entry: judge again (the relay then refreshes the catalog)
-        memo.put("bench", 1, Instant::now(), 4, None);
+        memo.put("bench", facts(Instant::now()), None);
         assert_eq!(memo.get("bench", 1, 4), None);
         // a clone is a new candidate: it starts empty
-        memo.put("bench", 1, later, 4, None);
-        assert_eq!(memo.get("bench", 1, 4), Some((None, later)));
+        memo.put("bench", facts(later), None);
+        assert_eq!(memo.get("bench", 1, 4), Some((None, facts(later))));
         assert_eq!(memo.clone().get("bench", 1, 4), None);
     }
 

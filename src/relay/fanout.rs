@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::dispatch::{self, Delivery, Events, FragmentEvent, QuerySpec};
 use crate::merge::ordered::OrderedMerge;
 use crate::merge::{row_description_types, Concat, ConcatStep, PartialRows};
+use crate::plan::cache::ScreenFacts;
 use crate::plan::{
     self, CatalogCache, CombineSpec, MergeSpec, Route, SplitStrategy, TableInfo, TableSet,
 };
@@ -488,18 +489,15 @@ pub async fn route_for(
 pub struct CachedPass {
     /// The label of the reason (the passthrough-reasons metric).
     pub label: &'static str,
-    catalog_epoch: u64,
-    slots: usize,
-    fresh_until: Instant,
+    facts: ScreenFacts,
 }
 
 impl CachedPass {
     /// The facts the verdict was judged under are the same now, for a session in
     /// transaction status `status` (the session's database is fixed).
     pub fn holds(&self, env: &FanoutEnv, status: u8) -> bool {
-        self.catalog_epoch == env.catalog.epoch()
-            && self.slots == usable_slots(env, status, false)
-            && Instant::now() < self.fresh_until
+        self.facts
+            .hold(env.catalog.epoch(), usable_slots(env, status, false))
     }
 }
 
@@ -516,16 +514,9 @@ pub fn cached_pass(
 ) -> Option<CachedPass> {
     let slots = usable_slots(env, status, false);
     let catalog_epoch = env.catalog.epoch();
-    let pass = |label: Option<&'static str>, fresh_until| {
-        label.map(|label| CachedPass {
-            label,
-            catalog_epoch,
-            slots,
-            fresh_until,
-        })
-    };
-    if let Some((verdict, fresh_until)) = candidate.screen.get(&login.1, catalog_epoch, slots) {
-        return pass(verdict, fresh_until);
+    let pass = |label: Option<&'static str>, facts| label.map(|label| CachedPass { label, facts });
+    if let Some((verdict, facts)) = candidate.screen.get(&login.1, catalog_epoch, slots) {
+        return pass(verdict, facts);
     }
     let (tables, fresh_until) = cached_table_set(env, login, candidate)?;
     let verdict = match route_from_slots(env, candidate, tables.as_ref(), slots) {
@@ -536,10 +527,13 @@ pub fn cached_pass(
         }
         _ => None,
     };
-    candidate
-        .screen
-        .put(&login.1, catalog_epoch, fresh_until, slots, verdict);
-    pass(verdict, fresh_until)
+    let facts = ScreenFacts {
+        catalog_epoch,
+        slots,
+        fresh_until,
+    };
+    candidate.screen.put(&login.1, facts, verdict);
+    pass(verdict, facts)
 }
 
 /// Fragment slots of the backends a statement may use: inside a transaction block
