@@ -678,7 +678,7 @@ where
         );
         tokio::spawn(async move {
             if let Err(e) = target.cancel().await {
-                warn!(pid = target.pid, error = %e, "cancel of abandoned statement failed");
+                warn!(session = session_id, pid = target.pid, error = %e, "cancel of abandoned statement failed");
             }
         });
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tracing::{error, warn, Instrument};
+use tracing::{error, warn};
 
 use super::{session, ServerContext};
 
@@ -198,11 +198,8 @@ fn spawn_session(
 ) {
     let span = tracing::info_span!("session", session = session_id, peer = %peer);
     let ctx = ctx.clone();
-    tokio::spawn(
-        async move {
-            let _live = live;
-            session::run(ctx, socket, session_id, index).await;
-        }
-        .instrument(span),
-    );
+    tokio::spawn(async move {
+        let _live = live;
+        session::run(ctx, socket, session_id, index, span).await;
+    });
 }
