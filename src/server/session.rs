@@ -46,9 +46,8 @@ impl Drop for ClientSlot<'_> {
 }
 
 /// Runs one client connection to its end. `span` (session id and peer) is entered while
-/// the session starts and ends; the relay between runs outside it, and its events name the
-/// session themselves: entering a span on every poll of the relay cost about a tenth of the
-/// relay's user time (`pgbench -S -M simple -c 8`, perf).
+/// the session starts and ends, and by the relay only around its own events (see
+/// [`relay::relay`]).
 pub async fn run(
     ctx: Arc<ServerContext>,
     socket: TcpStream,
@@ -103,6 +102,7 @@ pub async fn run(
     span.in_scope(|| debug!(backend_pid = backend.pid, "session started"));
     let (end, reusable) = relay::relay(
         session_id,
+        &span,
         client,
         parts.read_buf,
         backend.stream,
