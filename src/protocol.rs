@@ -409,7 +409,7 @@ impl<'a> Reader<'a> {
     /// A null-terminated string (lossy UTF-8), borrowed from the body when it is valid
     /// UTF-8 (the relay reads one or two per statement; most are only looked up).
     pub fn cstr(&mut self) -> Option<std::borrow::Cow<'a, str>> {
-        let end = self.0.iter().position(|b| *b == 0)?;
+        let end = memchr::memchr(0, self.0)?;
         let bytes = &self.0[..end];
         self.0 = &self.0[end + 1..];
         // `from_utf8` first: its ASCII path is faster than the lossy decoder's

@@ -277,7 +277,7 @@ pub fn has_shape(sql: &str, key: &str, texts: &[bool]) -> bool {
     for (n, &text) in texts.iter().enumerate() {
         // the next placeholder; a `$` of the key's own is taken for one here and then
         // fails the placeholder check or the final one
-        let Some(at) = k[j..].iter().position(|&c| c == b'$') else {
+        let Some(at) = memchr::memchr(b'$', &k[j..]) else {
             return false;
         };
         let between = &k[j..j + at];
@@ -304,7 +304,7 @@ pub fn has_shape(sql: &str, key: &str, texts: &[bool]) -> bool {
         };
         i = end;
     }
-    !k[j..].contains(&b'$') && s[i..] == k[j..]
+    memchr::memchr(b'$', &k[j..]).is_none() && s[i..] == k[j..]
 }
 
 /// Puts `literals` back in place of the placeholders `$1`, `$2`, … of `query`; false when

@@ -343,9 +343,18 @@ pub fn opens_savepoint(sql: &str) -> bool {
     starts_with_word(skip_space_and_comments(sql), "savepoint")
 }
 
-fn skip_space_and_comments(mut t: &str) -> &str {
+/// The text after leading blanks and comments. The keyword checks above skip them too;
+/// given text that starts with neither, their own skip returns at once.
+pub fn skip_space_and_comments(mut t: &str) -> &str {
     loop {
-        t = t.trim_start();
+        // the blanks of PostgreSQL's lexer, all ASCII (the cut is at a char boundary);
+        // anything else, \v (a blank only since 16) or a Unicode space, leaves the text
+        // to PostgreSQL
+        let blank = t
+            .bytes()
+            .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c'))
+            .unwrap_or(t.len());
+        t = &t[blank..];
         if let Some(rest) = t.strip_prefix("--") {
             t = rest.split_once('\n').map(|x| x.1).unwrap_or("");
         } else if let Some(rest) = t.strip_prefix("/*") {
@@ -788,6 +797,9 @@ mod tests {
         assert!(worth_parsing("  /* x */ select 1"));
         assert!(worth_parsing("EXPLAIN FANOUT select 1"));
         assert!(!worth_parsing("insert into t values (1)"));
+        assert!(worth_parsing("\t\r\n\x0c-- c\n select 1"));
+        assert!(!worth_parsing("\u{a0}select 1"));
+        assert!(!worth_parsing("\x0bselect 1"));
         assert!(changes_catalog("ALTER TABLE t ADD c int"));
         assert!(opens_savepoint("SAVEPOINT a"));
     }
