@@ -95,9 +95,10 @@ pub enum BackendSslMode {
 /// A backend server address parsed from a `postgres://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendUrl {
-    /// Host name or IP.
+    /// Host name or IP; as in libpq, a host that starts with `/` is the directory of the
+    /// server's Unix-domain socket.
     pub host: String,
-    /// TCP port.
+    /// TCP port, or the number in the Unix-domain socket's name (`.s.PGSQL.<port>`).
     pub port: u16,
     /// Fixed login user; `None` means the client's user.
     pub user: Option<String>,
@@ -105,12 +106,16 @@ pub struct BackendUrl {
     pub password: Option<String>,
     /// Fixed database; `None` means the client's database.
     pub database: Option<String>,
-    /// TLS toward the backend.
+    /// TLS toward the backend (not used on a Unix-domain socket, as in libpq).
     pub sslmode: BackendSslMode,
 }
 
 impl BackendUrl {
-    /// Parses `postgres://[user[:password]@]host[:port][/database][?sslmode=…]`.
+    /// Parses `postgres://[user[:password]@]host[:port][/database][?param=…]`, the libpq
+    /// URI form. Parameters: `sslmode`, and `host` and `port`, which override the ones
+    /// before the path. A Unix-domain socket is named by its directory, as a
+    /// percent-encoded host (`postgres://%2Fvar%2Frun%2Fpostgresql/app`) or as
+    /// `host=` (`postgres:///app?host=/var/run/postgresql`).
     pub fn parse(text: &str) -> Result<Self, String> {
         let url = url::Url::parse(text).map_err(|e| format!("invalid URL {text:?}: {e}"))?;
         if url.scheme() != "postgres" && url.scheme() != "postgresql" {
@@ -119,24 +124,30 @@ impl BackendUrl {
                 url.scheme()
             ));
         }
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("URL {text:?} has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
         let decode = |s: &str| {
             url::form_urlencoded::parse(format!("x={s}").as_bytes())
                 .next()
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_default()
         };
+        let mut host = url
+            .host_str()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .map(|h| {
+                // a socket directory, percent-encoded because `/` ends the authority
+                if h.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("%2f")) {
+                    decode(h)
+                } else {
+                    h.to_string()
+                }
+            })
+            .unwrap_or_default();
         let user = Some(url.username()).filter(|u| !u.is_empty()).map(&decode);
         let password = url.password().map(&decode);
         let database = Some(url.path().trim_start_matches('/'))
             .filter(|d| !d.is_empty())
             .map(&decode);
+        let mut port = url.port().unwrap_or(5432);
         let mut sslmode = BackendSslMode::Disable;
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
@@ -148,12 +159,21 @@ impl BackendUrl {
                         other => return Err(format!("unknown sslmode {other:?}")),
                     }
                 }
+                "host" => host = v.into_owned(),
+                "port" => {
+                    port = v
+                        .parse()
+                        .map_err(|_| format!("port {v:?} is not a port number"))?
+                }
                 other => return Err(format!("unknown URL parameter {other:?}")),
             }
         }
+        if host.is_empty() {
+            return Err(format!("URL {text:?} has no host"));
+        }
         Ok(Self {
             host,
-            port: url.port().unwrap_or(5432),
+            port,
             user,
             password,
             database,
@@ -161,9 +181,18 @@ impl BackendUrl {
         })
     }
 
-    /// `host:port` for logs and metrics labels.
+    /// The path of the server's Unix-domain socket, when the host is a socket directory.
+    pub fn unix_socket(&self) -> Option<PathBuf> {
+        self.host
+            .starts_with('/')
+            .then(|| Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
+    }
+
+    /// `host:port` (`[v6]:port`), or the socket's path: where the server is, for messages.
     pub fn address(&self) -> String {
-        if self.host.contains(':') {
+        if let Some(path) = self.unix_socket() {
+            path.display().to_string()
+        } else if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
             format!("{}:{}", self.host, self.port)
@@ -820,7 +849,27 @@ mod tests {
         assert_eq!(u.port, 5433);
         assert_eq!(u.sslmode, BackendSslMode::Require);
         let u = BackendUrl::parse("postgres://127.0.0.1").unwrap();
+        assert_eq!(u.unix_socket(), None);
         assert_eq!((u.user, u.database, u.port), (None, None, 5432));
+        assert!(BackendUrl::parse("postgres:///app").is_err());
+        assert!(BackendUrl::parse("postgres://h/?port=x").is_err());
+    }
+
+    #[test]
+    fn unix_socket_urls() {
+        let sock = Some(PathBuf::from("/var/run/postgresql/.s.PGSQL.5433"));
+        let u = BackendUrl::parse("postgres://%2Fvar%2Frun%2Fpostgresql:5433/app").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.database.as_deref()),
+            ("/var/run/postgresql", Some("app"))
+        );
+        assert_eq!(u.unix_socket(), sock);
+        let u = BackendUrl::parse("postgresql:///app?host=/var/run/postgresql&port=5433").unwrap();
+        assert_eq!(u.unix_socket(), sock);
+        assert_eq!(u.address(), "/var/run/postgresql/.s.PGSQL.5433");
+        // host= overrides the authority's host, as in libpq
+        let u = BackendUrl::parse("postgres://db.local?host=%2Ftmp").unwrap();
+        assert_eq!(u.unix_socket(), Some(PathBuf::from("/tmp/.s.PGSQL.5432")));
     }
 
     #[test]

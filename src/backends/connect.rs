@@ -1,9 +1,11 @@
-//! Opening one backend connection: TCP (optionally TLS), StartupMessage with the client's
+//! Opening one backend connection: TCP (optionally TLS) or a Unix-domain socket, StartupMessage with the client's
 //! parameters, password/md5/SCRAM login, and the server's ParameterStatus and
 //! BackendKeyData up to the first ReadyForQuery.
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,7 +17,7 @@ use pgwire::tokio::tokio_rustls::{client::TlsStream, TlsConnector};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{BackendSslMode, BackendUrl};
 use crate::protocol::{self, ErrorFields};
@@ -26,10 +28,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why a backend connection could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// TCP or TLS failed.
+    /// TCP, the Unix-domain socket or TLS failed.
     #[error("could not connect to backend {addr}: {source}")]
     Io {
-        /// `host:port`.
+        /// `host:port` or the socket's path.
         addr: String,
         /// The I/O error.
         source: io::Error,
@@ -54,7 +56,7 @@ impl BackendConnection {
     /// The CancelRequest target of this connection.
     pub fn cancel_target(&self) -> CancelTarget {
         CancelTarget {
-            addr: self.addr,
+            addr: self.addr.clone(),
             pid: self.pid,
             secret: self.secret.clone(),
         }
@@ -73,12 +75,32 @@ impl ConnectError {
     }
 }
 
-/// A backend socket, plain or TLS.
+/// A backend socket: TCP, TLS over TCP, or a Unix-domain socket.
 pub enum BackendStream {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP.
     Tls(Box<TlsStream<TcpStream>>),
+    /// A Unix-domain socket (a server on the same machine).
+    Unix(UnixStream),
+}
+
+/// Where a backend server was reached: its CancelRequests go to the same place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// The path of a Unix-domain socket.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddr::Tcp(a) => a.fmt(f),
+            BackendAddr::Unix(p) => p.display().fmt(f),
+        }
+    }
 }
 
 impl AsyncRead for BackendStream {
@@ -90,6 +112,7 @@ impl AsyncRead for BackendStream {
         match self.get_mut() {
             BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            BackendStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -103,6 +126,7 @@ impl AsyncWrite for BackendStream {
         match self.get_mut() {
             BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            BackendStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -110,6 +134,7 @@ impl AsyncWrite for BackendStream {
         match self.get_mut() {
             BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            BackendStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -117,6 +142,7 @@ impl AsyncWrite for BackendStream {
         match self.get_mut() {
             BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            BackendStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -124,8 +150,8 @@ impl AsyncWrite for BackendStream {
 /// Where a CancelRequest for one backend connection goes.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    /// Server address.
-    pub addr: SocketAddr,
+    /// Where the server was reached.
+    pub addr: BackendAddr,
     /// Backend process id.
     pub pid: i32,
     /// The backend's own cancel secret.
@@ -135,7 +161,7 @@ pub struct CancelTarget {
 impl CancelTarget {
     /// Sends the CancelRequest (best effort: the server answers nothing).
     pub async fn cancel(&self) -> io::Result<()> {
-        send_cancel(self.addr, self.pid, &self.secret).await
+        send_cancel(&self.addr, self.pid, &self.secret).await
     }
 }
 
@@ -143,8 +169,8 @@ impl CancelTarget {
 pub struct BackendConnection {
     /// The socket.
     pub stream: BackendStream,
-    /// The server address, for CancelRequests.
-    pub addr: SocketAddr,
+    /// Where the server was reached, for CancelRequests.
+    pub addr: BackendAddr,
     /// The backend's process id.
     pub pid: i32,
     /// The backend's cancel secret.
@@ -168,6 +194,9 @@ impl BackendConnection {
         let stream = match self.stream {
             BackendStream::Plain(s) => {
                 BackendStream::Plain(TcpStream::from_std(s.into_std().ok()?).ok()?)
+            }
+            BackendStream::Unix(s) => {
+                BackendStream::Unix(UnixStream::from_std(s.into_std().ok()?).ok()?)
             }
             tls => tls,
         };
@@ -200,16 +229,23 @@ async fn connect_inner(
         addr: url.address(),
         source,
     };
-    let tcp = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(io_err)?;
-    tcp.set_nodelay(true).map_err(io_err)?;
-    let addr = tcp.peer_addr().map_err(io_err)?;
-    let mut stream = match url.sslmode {
-        BackendSslMode::Disable => BackendStream::Plain(tcp),
-        mode => negotiate_tls(tcp, &url.host, mode == BackendSslMode::Require)
+    let (addr, mut stream) = if let Some(path) = url.unix_socket() {
+        // libpq does not negotiate TLS on a Unix-domain socket either, whatever sslmode
+        let unix = UnixStream::connect(&path).await.map_err(io_err)?;
+        (BackendAddr::Unix(path), BackendStream::Unix(unix))
+    } else {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
             .await
-            .map_err(io_err)?,
+            .map_err(io_err)?;
+        tcp.set_nodelay(true).map_err(io_err)?;
+        let addr = BackendAddr::Tcp(tcp.peer_addr().map_err(io_err)?);
+        let stream = match url.sslmode {
+            BackendSslMode::Disable => BackendStream::Plain(tcp),
+            mode => negotiate_tls(tcp, &url.host, mode == BackendSslMode::Require)
+                .await
+                .map_err(io_err)?,
+        };
+        (addr, stream)
     };
 
     let mut out = BytesMut::new();
@@ -447,14 +483,25 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
 }
 
 /// Sends a CancelRequest for backend `pid` to `addr` (best effort).
-async fn send_cancel(addr: SocketAddr, pid: i32, secret: &[u8]) -> io::Result<()> {
-    let mut tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timeout"))??;
-    tcp.write_all(&protocol::cancel_request(pid, secret))
+async fn send_cancel(addr: &BackendAddr, pid: i32, secret: &[u8]) -> io::Result<()> {
+    let timed_out = |_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timeout");
+    let mut stream = match addr {
+        BackendAddr::Tcp(a) => BackendStream::Plain(
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(a))
+                .await
+                .map_err(timed_out)??,
+        ),
+        BackendAddr::Unix(p) => BackendStream::Unix(
+            tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(p))
+                .await
+                .map_err(timed_out)??,
+        ),
+    };
+    stream
+        .write_all(&protocol::cancel_request(pid, secret))
         .await?;
     // the server closes the socket when it has processed the request
     let mut sink = [0u8; 1];
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
     Ok(())
 }

@@ -32,8 +32,8 @@ struct Parked {
 pub struct IdleBackend {
     /// The socket.
     pub stream: BackendStream,
-    /// Server address.
-    pub addr: std::net::SocketAddr,
+    /// Where the server was reached.
+    pub addr: super::connect::BackendAddr,
     /// Backend process id.
     pub pid: i32,
     /// Backend cancel secret.

@@ -118,7 +118,7 @@ mod tests {
     fn lookup_needs_the_right_secret() {
         let reg = Arc::new(CancelRegistry::default());
         let target = CancelTarget {
-            addr: "127.0.0.1:5432".parse().unwrap(),
+            addr: crate::backends::connect::BackendAddr::Tcp("127.0.0.1:5432".parse().unwrap()),
             pid: 42,
             secret: vec![1, 2, 3, 4],
         };

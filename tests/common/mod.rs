@@ -338,8 +338,9 @@ impl Pgfan {
         std::env::var("PGFAN_TEST_PROXY").is_ok_and(|v| v == "direct")
     }
 
-    /// Spawns `pgfan --listen .. --primary .. --metrics-listen .. [--auth trust] extra..`
-    /// and waits until it accepts TCP connections.
+    /// Spawns `pgfan --listen .. --metrics-listen .. [--primary ..] [--auth trust] extra..`
+    /// (the cluster's primary unless `extra` has `--primary`) and waits until it accepts
+    /// TCP connections.
     pub fn start(extra_args: &[&str]) -> Pgfan {
         Self::spawn(None, extra_args)
     }
@@ -392,19 +393,21 @@ impl Pgfan {
             args.push("--config".into());
             args.push(p.display().to_string());
         }
-        args.extend([
-            "--listen".to_string(),
-            format!("127.0.0.1:{port}"),
-            "--primary".to_string(),
-            cluster.primary_host_port(),
-            "--metrics-listen".to_string(),
-            format!("127.0.0.1:{metrics_port}"),
-        ]);
         let has_flag = |flag: &str| {
             extra_args
                 .iter()
                 .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
         };
+        args.extend([
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--metrics-listen".to_string(),
+            format!("127.0.0.1:{metrics_port}"),
+        ]);
+        // the cluster's primary over TCP unless the test names it another way
+        if !has_flag("--primary") {
+            args.extend(["--primary".to_string(), cluster.primary_host_port()]);
+        }
         if config_path.is_none() && !has_flag("--auth") && !has_flag("--config") {
             args.push("--auth".into());
             args.push("trust".into());
