@@ -318,3 +318,32 @@ async fn fanout_fragments_over_unix_socket() {
     drop(pgfan);
     drop_database(FAN_DB).await;
 }
+
+/// A socket directory with no server in it: the client gets 08001 naming the socket's
+/// path, and pgfan keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_socket_is_a_clear_error() {
+    let url = format!(
+        "postgres:///?host=%2Fnonexistent-pgfan-dir&port={}",
+        cluster().primary_port
+    );
+    let pgfan = Pgfan::start(&["--primary", &url]);
+    if Pgfan::direct_mode() {
+        return;
+    }
+    for attempt in 0..2 {
+        let err = tokio_postgres::connect(&pgfan.url("postgres"), NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("attempt {attempt}: connected without a server"));
+        let db = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("attempt {attempt}: no ErrorResponse: {err}"));
+        assert_eq!(
+            db.code(),
+            &SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+        );
+        let path = format!("/nonexistent-pgfan-dir/.s.PGSQL.{}", cluster().primary_port);
+        assert!(db.message().contains(&path), "{}", db.message());
+    }
+}
