@@ -57,6 +57,19 @@ pub enum AuthMethod {
     Password,
 }
 
+/// Linux scheduling policy of the session threads (`session_scheduling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionScheduling {
+    /// `SCHED_BATCH`: a session thread woken by a socket does not preempt the task
+    /// running on its CPU; it runs when that task blocks or its slice ends, and finds
+    /// more events per wakeup.
+    #[default]
+    Batch,
+    /// `SCHED_OTHER`, the kernel's default for every thread.
+    Normal,
+}
+
 /// Role of a backend server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -250,6 +263,8 @@ pub struct Config {
     pub max_client_connections: usize,
     /// Threads that run client sessions, each its own single-threaded event loop.
     pub session_threads: usize,
+    /// Scheduling policy of the session threads (Linux only; elsewhere ignored).
+    pub session_scheduling: SessionScheduling,
     /// Backend servers; exactly one primary.
     pub backends: Vec<BackendConfig>,
     /// Known users.
@@ -368,6 +383,7 @@ struct RawConfig {
     force_trust: Option<bool>,
     max_client_connections: Option<Spanned<i64>>,
     session_threads: Option<Spanned<i64>>,
+    session_scheduling: Option<SessionScheduling>,
     #[serde(default)]
     backends: Vec<RawBackend>,
     #[serde(default)]
@@ -783,6 +799,7 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Co
         force_trust,
         max_client_connections,
         session_threads,
+        session_scheduling: raw.session_scheduling.unwrap_or_default(),
         backends,
         users,
         tls,
@@ -811,6 +828,30 @@ mod tests {
         .to_string();
         assert!(err.contains("bogus"), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn session_scheduling_defaults_to_batch_and_rejects_unknown_policies() {
+        let c = parse("p.toml", "", &with_primary()).unwrap();
+        assert_eq!(c.session_scheduling, SessionScheduling::Batch);
+        let c = parse(
+            "p.toml",
+            "session_scheduling = \"normal\"\n",
+            &with_primary(),
+        )
+        .unwrap();
+        assert_eq!(c.session_scheduling, SessionScheduling::Normal);
+        let err = parse(
+            "p.toml",
+            "listen = \"127.0.0.1:1\"\nsession_scheduling = \"fifo\"\n",
+            &with_primary(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("session_scheduling") && err.contains("fifo"),
+            "{err}"
+        );
     }
 
     #[test]

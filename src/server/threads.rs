@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::{session, ServerContext};
+use crate::config::SessionScheduling;
 
 /// An accepted client on its way to another session thread.
 struct Handoff {
@@ -90,9 +91,13 @@ impl SessionThreads {
                 }
                 None => None,
             };
+            let scheduling = ctx.config.session_scheduling;
             std::thread::Builder::new()
                 .name(format!("pgfan-session-{index}"))
                 .spawn(move || {
+                    if let Err(e) = apply_scheduling(scheduling) {
+                        warn!(thread = index, ?scheduling, error = %e, "cannot set the session thread's scheduling policy; it keeps the default");
+                    }
                     runtime.block_on(async move {
                         if let Some(listener) = listener {
                             tokio::spawn(accept_clients(listener, ctx.clone(), all.clone(), index));
@@ -185,6 +190,38 @@ async fn accept_clients(
             }
         }
     }
+}
+
+/// Puts the calling thread under `scheduling`.
+///
+/// `SCHED_BATCH` tells the kernel that the thread is not interactive: a session thread
+/// woken by a socket does not preempt the task running on its CPU (often the PostgreSQL
+/// backend or client that just wrote), but runs once that task blocks or its slice ends,
+/// and then finds several events ready instead of one. `scripts/bench scheduling` measured it against
+/// `SCHED_OTHER`: pgbench -S at 8 clients +3-5% TPS, and with two CPU-bound processes
+/// beside, one client's p99 latency 0.3 ms instead of 4 ms (README, Benchmarks).
+#[cfg(target_os = "linux")]
+fn apply_scheduling(scheduling: SessionScheduling) -> std::io::Result<()> {
+    let policy = match scheduling {
+        SessionScheduling::Batch => libc::SCHED_BATCH,
+        SessionScheduling::Normal => libc::SCHED_OTHER,
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread, and `param` is a valid sched_param that
+    // outlives the call (non-real-time policies take priority 0). Leaving SCHED_OTHER
+    // for SCHED_BATCH needs no privilege.
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Other systems have no SCHED_BATCH: the threads keep their default policy.
+#[cfg(not(target_os = "linux"))]
+fn apply_scheduling(_scheduling: SessionScheduling) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Runs a client session on the current session thread (`index`).
