@@ -198,8 +198,8 @@ async fn accept_clients(
 /// woken by a socket does not preempt the task running on its CPU (often the PostgreSQL
 /// backend or client that just wrote), but runs once that task blocks or its slice ends,
 /// and then finds several events ready instead of one. `scripts/bench scheduling`
-/// measured it against `SCHED_OTHER`: pgbench -S at 8 clients about +3% TPS, and beside
-/// two CPU-bound processes one client's p99 latency 0.64 ms instead of 4.0 ms (README,
+/// measured it against `SCHED_OTHER`: pgbench -S at 8 clients +3-5% TPS, and beside two
+/// CPU-bound processes one client's mean latency 184-188 µs instead of 267-283 (README,
 /// Benchmarks).
 #[cfg(target_os = "linux")]
 fn apply_scheduling(scheduling: SessionScheduling) -> std::io::Result<()> {
